@@ -1,0 +1,110 @@
+"""The evaluation contract shared by every architecture a bundle can hold.
+
+An :class:`AtomisticModel` takes a batch (see :mod:`spkserve.keys`) and returns
+a dict of named tensors. Subclasses implement :meth:`AtomisticModel.compute`,
+which returns the per-system ``energy`` (and any other outputs) as a
+differentiable function of ``positions`` and ``cell``; forces and stress are
+then obtained by autograd here, never by hand:
+
+* forces  = -dE/dR                         [N, 3]
+* stress  = (1/V) dE/d(strain)             [S, 3, 3]  (symmetric strain applied
+  to positions and cell, ASE's sign convention)
+
+Models must tolerate neighbor pairs beyond their cutoff (skin lists) and must
+not write into the input dict.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from spkserve import keys
+
+
+def pair_vectors(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Return r_ij = R[j] - R[i] + shift @ cell for every pair.  [P, 3]"""
+    R = inputs[keys.R]
+    idx_i = inputs[keys.idx_i]
+    idx_j = inputs[keys.idx_j]
+    cell_of_pair = inputs[keys.cell][inputs[keys.idx_m][idx_i]]  # [P, 3, 3]
+    offsets = torch.einsum("pk,pkl->pl", inputs[keys.shifts].to(R.dtype), cell_of_pair)
+    return R[idx_j] - R[idx_i] + offsets
+
+
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
+    """|det(cell)| per system.  [S]"""
+    return torch.abs(torch.linalg.det(cell))
+
+
+class AtomisticModel(nn.Module):
+    """Base class: energy and other outputs from :meth:`compute`, derivatives by autograd.
+
+    Attributes set by subclasses:
+        ``outputs``: names of the outputs :meth:`compute` returns besides energy.
+    """
+
+    #: outputs that compute() returns in addition to "energy"
+    extra_outputs: tuple[str, ...] = ()
+
+    def compute(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return at least ``{"energy": [S]}`` from a batch whose positions and
+        cell are already strained (if stress is wanted)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        properties: Sequence[str] = (keys.energy, keys.forces),
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Evaluate ``properties`` for a batch.
+
+        Args:
+            inputs: batch dict (positions, cell, pairs, ...); not modified.
+            properties: names of wanted outputs (``energy`` is always returned).
+            create_graph: keep the graph of the derivatives (training on forces).
+        """
+        want_forces = keys.forces in properties
+        want_stress = keys.stress in properties
+        inputs = dict(inputs)  # never mutate the caller's dict
+        R = inputs[keys.R]
+        cell = inputs[keys.cell]
+        grad_wrt: list[torch.Tensor] = []
+        if want_forces:
+            R = R.detach().requires_grad_(True)
+            grad_wrt.append(R)
+        strain = None
+        if want_stress:
+            n_sys = cell.shape[0]
+            strain = torch.zeros(n_sys, 3, 3, dtype=R.dtype, device=R.device, requires_grad=True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            deform = torch.eye(3, dtype=R.dtype, device=R.device) + sym
+            R = torch.einsum("ni,nij->nj", R, deform[inputs[keys.idx_m]])
+            cell = torch.bmm(cell, deform)
+            grad_wrt.append(strain)
+        inputs[keys.R] = R
+        inputs[keys.cell] = cell
+        results = self.compute(inputs)
+        energy = results[keys.energy]
+        if grad_wrt:
+            grads = torch.autograd.grad(
+                energy.sum(),
+                grad_wrt,
+                create_graph=create_graph or self.training,
+                allow_unused=True,
+            )
+            k = 0
+            if want_forces:
+                g = grads[k]
+                results[keys.forces] = -g if g is not None else torch.zeros_like(R)
+                k += 1
+            if want_stress:
+                g = grads[k]
+                if g is None:
+                    g = torch.zeros_like(strain)
+                volume = cell_volume(inputs[keys.cell].detach())
+                results[keys.stress] = g / volume[:, None, None]
+        return {k: v for k, v in results.items() if k == keys.energy or k in properties}
