@@ -1,0 +1,1 @@
+"""Click subcommands of ``spkserve`` (one module per family)."""
