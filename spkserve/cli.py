@@ -24,7 +24,9 @@ _COMMANDS: dict[str, str] = {
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_COMMANDS)
+        from importlib.util import find_spec
+
+        return sorted(n for n, t in _COMMANDS.items() if find_spec(t.split(":")[0]) is not None)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = _COMMANDS.get(name)

@@ -1,0 +1,163 @@
+"""Evaluate a bundle on structures: neighbor list, unit conversion, species checks.
+
+:class:`ModelRunner` is the local :class:`~spkserve.provider.ForceProvider`
+every front end uses (ASE calculators, the MD engine, the servers). It takes
+structures in Å and returns results in provider units (Å, eV, eV/Å, eV/Å³),
+converting from the bundle's own units with :mod:`spkserve.units`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from spkserve import keys, units
+from spkserve.batch import Structure, collate
+from spkserve.bundle import BundleError, LoadedBundle, load_bundle
+import functools
+
+from spkserve.neighbors import neighbor_list
+from spkserve.provider import PROVIDER_UNITS, ProviderError
+
+
+def _plain_neighbors(positions, cell, pbc, n_atoms, cutoff, backend):
+    return neighbor_list(positions, cell, pbc, n_atoms, cutoff, backend=backend)
+
+
+class ModelRunner:
+    """Run a bundle on batches of structures (a :class:`ForceProvider`).
+
+    Args:
+        bundle: a :class:`LoadedBundle` or the path of a bundle file.
+        dtype: evaluate in float32/float64 (default: as stored in the bundle).
+        device: torch device.
+        skin_angstrom: Verlet skin of the neighbor list (0 rebuilds every call).
+        neighbor_backend: neighbor-list backend (see :mod:`spkserve.neighbors`).
+        compile: run the model through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        bundle: LoadedBundle | str | os.PathLike,
+        dtype: str | torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        skin_angstrom: float = 1.0,
+        neighbor_backend: str = "vesin",
+        compile: bool = False,
+    ) -> None:
+        if not isinstance(bundle, LoadedBundle):
+            bundle = load_bundle(bundle, dtype=dtype, device=device)
+        elif dtype is not None or torch.device(device) != next(iter(bundle.model.buffers()), torch.empty(0)).device:
+            from spkserve.bundle import parse_dtype
+
+            bundle.model.to(device=device, dtype=parse_dtype(dtype) or bundle.dtype)
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.dtype = bundle.dtype
+        self.model = torch.compile(bundle.model) if compile else bundle.model
+        self._species = torch.zeros(119, dtype=torch.bool)
+        self._species[torch.tensor(bundle.species)] = True
+        # unit factors: provider (Å, eV) <-> bundle
+        self._to_model_length = units.factor("Angstrom", bundle.length_unit)
+        self._from_model = {}
+        for name, spec in bundle.outputs.items():
+            target = PROVIDER_UNITS.get(name)
+            self._from_model[name] = units.factor(spec["unit"], target) if target else 1.0
+        cutoff_A = bundle.cutoff / self._to_model_length
+        self.cutoff_angstrom = cutoff_A
+        self.neighbors = None
+        if cutoff_A > 0 and skin_angstrom > 0:
+            from spkserve.neighbors.skin import SkinNeighborList
+
+            self.neighbors = SkinNeighborList(cutoff_A, skin_angstrom, backend=neighbor_backend)
+        elif cutoff_A > 0:
+            self.neighbors = functools.partial(_plain_neighbors, cutoff=cutoff_A, backend=neighbor_backend)
+
+    @property
+    def available_properties(self) -> tuple[str, ...]:
+        return tuple(self.bundle.outputs)
+
+    @property
+    def metadata(self) -> dict:
+        return self.bundle.metadata
+
+    def _check(self, numbers: torch.Tensor, properties: Sequence[str], pbc: torch.Tensor) -> None:
+        unknown = [p for p in properties if p not in self.bundle.outputs]
+        if unknown:
+            raise ProviderError(
+                f"the bundle cannot compute {unknown}; it provides {sorted(self.bundle.outputs)}"
+            )
+        if numbers.numel() and (int(numbers.min()) < 1 or int(numbers.max()) > 118 or not bool(self._species[numbers.cpu()].all())):
+            try:
+                self.bundle.check_species(numbers)
+            except BundleError as err:
+                raise ProviderError(str(err)) from err
+            raise ProviderError(f"atomic numbers must lie in 1..118, got {sorted(set(numbers.tolist()))}")
+        if keys.stress in properties and not bool(pbc.all()):
+            raise ProviderError("stress needs fully periodic systems (pbc all True with a cell)")
+
+    def compute_tensors(
+        self,
+        numbers: torch.Tensor,
+        positions_angstrom: torch.Tensor,
+        cells_angstrom: torch.Tensor,
+        pbc: torch.Tensor,
+        n_atoms: torch.Tensor,
+        properties: Sequence[str] = (keys.energy, keys.forces),
+    ) -> dict[str, torch.Tensor]:
+        """Evaluate a batch given as tensors (Å); results in provider units.
+
+        Args:
+            numbers: [N] atomic numbers.
+            positions_angstrom: [N, 3].
+            cells_angstrom: [S, 3, 3] lattice vectors as rows.
+            pbc: [S, 3] bool.
+            n_atoms: [S] atoms per system.
+            properties: outputs wanted (``energy`` always included).
+        Returns:
+            dict of tensors in the model's dtype and device, in provider units.
+        """
+        self._check(numbers, properties, pbc)
+        dev, dt = self.device, self.dtype
+        f = self._to_model_length
+        R = positions_angstrom.to(device=dev, dtype=dt)
+        C = cells_angstrom.to(device=dev, dtype=dt)
+        if f != 1.0:
+            R = R * f
+            C = C * f
+        n_atoms = n_atoms.to(dev)
+        batch = {
+            keys.Z: numbers.to(dev),
+            keys.R: R,
+            keys.cell: C,
+            keys.pbc: pbc.to(dev),
+            keys.n_atoms: n_atoms,
+            keys.idx_m: torch.repeat_interleave(torch.arange(len(n_atoms), device=dev), n_atoms),
+        }
+        if self.neighbors is not None:
+            i, j, s = self.neighbors(positions_angstrom, cells_angstrom, pbc, n_atoms)
+            batch[keys.idx_i], batch[keys.idx_j] = i.to(dev), j.to(dev)
+            batch[keys.shifts] = s.to(device=dev, dtype=dt)
+        else:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            batch[keys.idx_i] = batch[keys.idx_j] = empty
+            batch[keys.shifts] = torch.zeros(0, 3, dtype=dt, device=dev)
+        props = tuple(dict.fromkeys((keys.energy, *properties)))
+        with torch.enable_grad():
+            out = self.model(batch, properties=props)
+        return {k: (v.detach() * self._from_model[k] if self._from_model.get(k, 1.0) != 1.0 else v.detach()) for k, v in out.items() if k in props}
+
+    def compute(
+        self, structures: Sequence[Structure], properties: Sequence[str] = (keys.energy, keys.forces)
+    ) -> dict[str, torch.Tensor]:
+        """Evaluate structures (Å) together; results as float64 CPU tensors in provider units."""
+        if len(structures) == 0:
+            raise ProviderError("no structures to compute")
+        b = collate(structures, dtype=torch.float64)
+        out = self.compute_tensors(b[keys.Z], b[keys.R], b[keys.cell], b[keys.pbc], b[keys.n_atoms], properties)
+        return {k: v.to(device="cpu", dtype=torch.float64) for k, v in out.items()}
+
+    def close(self) -> None:
+        """Nothing to release for an in-process model."""
