@@ -1,0 +1,108 @@
+"""Input checks and cell completion shared by every neighbor-list backend.
+
+A periodic direction needs a proper cell vector; a non-periodic direction may
+have any vector (often zero). Since shifts along non-periodic directions are
+always zero, the pair set does not depend on those vectors, so every backend
+works on a *completed* cell whose non-periodic rows are replaced by unit
+vectors orthogonal to the periodic ones. This makes the cell invertible and
+gives the smallest number of periodic images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: a periodic cell vector whose component orthogonal to the other periodic
+#: vectors is below this fraction of its length makes the cell singular
+SINGULAR_TOLERANCE = 1e-6
+
+
+class NeighborListError(ValueError):
+    """Bad input for a neighbor list (shapes, degenerate periodic cell, cutoff)."""
+
+
+def check_inputs(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    n_atoms: torch.Tensor,
+    cutoff: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate shapes and the cutoff; return ``cell`` [S,3,3], ``pbc`` [S,3] bool, ``n_atoms`` [S] int64."""
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or positions.shape[1] != 3:
+        raise NeighborListError(f"positions must be a tensor of shape [N, 3], got {getattr(positions, 'shape', positions)!r}")
+    if not positions.is_floating_point():
+        raise NeighborListError(f"positions must be floating point, got {positions.dtype}")
+    if not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff <= 0:
+        raise NeighborListError(f"cutoff must be a positive finite number (Å or the batch length unit), got {cutoff!r}")
+    n_atoms = torch.as_tensor(n_atoms, device=positions.device).reshape(-1).to(torch.int64)
+    n_sys = n_atoms.shape[0]
+    cell = torch.as_tensor(cell, device=positions.device)
+    if cell.ndim == 2 and n_sys == 1:
+        cell = cell.unsqueeze(0)
+    if cell.shape != (n_sys, 3, 3):
+        raise NeighborListError(f"cell must have shape [S, 3, 3] with S={n_sys} systems, got {tuple(cell.shape)}")
+    pbc = torch.as_tensor(pbc, device=positions.device)
+    if pbc.ndim == 1 and n_sys == 1:
+        pbc = pbc.unsqueeze(0)
+    if pbc.shape != (n_sys, 3):
+        raise NeighborListError(f"pbc must have shape [S, 3] with S={n_sys} systems, got {tuple(pbc.shape)}")
+    if n_sys == 0:
+        raise NeighborListError("n_atoms is empty: a batch needs at least one system")
+    if bool((n_atoms < 0).any()):
+        raise NeighborListError(f"n_atoms must be non-negative, got {n_atoms.tolist()}")
+    total = int(n_atoms.sum())
+    if total != positions.shape[0]:
+        raise NeighborListError(
+            f"n_atoms sums to {total} but positions has {positions.shape[0]} rows"
+        )
+    return cell.to(positions.dtype), pbc.to(torch.bool), n_atoms
+
+
+def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace non-periodic rows by orthonormal vectors perpendicular to the periodic ones.
+
+    ``cell`` [S, 3, 3] (rows are lattice vectors), ``pbc`` [S, 3] bool.
+    Returns ``(completed [S, 3, 3], singular [S, 3] bool)`` where ``singular``
+    flags periodic rows that are zero or linearly dependent on the other
+    periodic rows. Pure torch, fixed number of operations (compile friendly).
+    """
+    S = cell.shape[0]
+    dtype, device = cell.dtype, cell.device
+    eye = torch.eye(3, dtype=dtype, device=device)
+    basis = torch.zeros(S, 3, 3, dtype=dtype, device=device)  # orthonormal rows, filled in order
+    n_basis = torch.zeros(S, dtype=torch.int64, device=device)
+    singular = torch.zeros(S, 3, dtype=torch.bool, device=device)
+    candidates = [(cell[:, k], pbc[:, k]) for k in range(3)]
+    candidates += [(eye[k].expand(S, 3), torch.ones(S, dtype=torch.bool, device=device)) for k in range(3)]
+    for idx, (vec, active) in enumerate(candidates):
+        v = vec - torch.einsum("sk,skd->sd", torch.einsum("skd,sd->sk", basis, vec), basis)
+        norm_v = torch.linalg.vector_norm(v, dim=-1)
+        norm_c = torch.linalg.vector_norm(vec, dim=-1)
+        accept = active & (norm_v > SINGULAR_TOLERANCE * norm_c) & (n_basis < 3)
+        if idx < 3:
+            singular[:, idx] = active & ~accept
+        q = v / torch.where(accept, norm_v, torch.ones_like(norm_v)).unsqueeze(-1)
+        slot = torch.nn.functional.one_hot(n_basis.clamp(max=2), 3).to(dtype) * accept.to(dtype).unsqueeze(-1)
+        basis = basis + slot.unsqueeze(-1) * q.unsqueeze(1)
+        n_basis = n_basis + accept.to(torch.int64)
+    # the m-th non-periodic row receives basis row (n_periodic + m)
+    n_periodic = pbc.to(torch.int64).sum(dim=1, keepdim=True)  # [S, 1]
+    nonper = (~pbc).to(torch.int64)
+    before = torch.cumsum(nonper, dim=1) - nonper  # non-periodic rows before row k
+    pick = (n_periodic + before).clamp(max=2)  # [S, 3]
+    filler = torch.gather(basis, 1, pick.unsqueeze(-1).expand(S, 3, 3))
+    completed = torch.where(pbc.unsqueeze(-1), cell, filler)
+    return completed, singular
+
+
+def raise_if_singular(singular: torch.Tensor, cell: torch.Tensor) -> None:
+    """Raise :class:`NeighborListError` naming the first system with a degenerate periodic cell."""
+    if bool(singular.any()):
+        s, k = (int(x) for x in torch.nonzero(singular)[0])
+        raise NeighborListError(
+            f"system {s}: periodic direction {k} has a zero or linearly dependent cell vector "
+            f"{cell[s, k].tolist()} (cell {cell[s].tolist()}); give a proper cell or set pbc[{k}] = False"
+        )
