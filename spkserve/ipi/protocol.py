@@ -182,7 +182,12 @@ class ForceReply:
     extras: list[str]
 
 
-def read_forceready(sock: socket.socket, batch_size: int = 1, expect_atoms: int | None = None) -> ForceReply:
+def read_forceready(
+    sock: socket.socket,
+    batch_size: int = 1,
+    expect_atoms: int | None = None,
+    max_string_bytes: int = MAX_STRING_BYTES,
+) -> ForceReply:
     """Body of FORCEREADY (after its header); checks the atom count if ``expect_atoms`` is given."""
     if batch_size == 1:
         energies = _read_f64(sock, 1, "FORCEREADY energy")
@@ -195,7 +200,7 @@ def read_forceready(sock: socket.socket, batch_size: int = 1, expect_atoms: int 
     virials = np.swapaxes(_read_f64(sock, 9 * batch_size, "FORCEREADY virials").reshape(batch_size, 3, 3), 1, 2)
     extras = []
     for _ in range(batch_size):
-        m = _check_count(_read_int(sock, "FORCEREADY extra length"), MAX_STRING_BYTES, "extra length", FORCEREADY)
+        m = _check_count(_read_int(sock, "FORCEREADY extra length"), max_string_bytes, "extra length", FORCEREADY)
         extras.append(bytes(recv_exact(sock, m, "FORCEREADY extra")).decode("utf-8", errors="replace"))
     return ForceReply(energies, forces, np.ascontiguousarray(virials), extras)
 
