@@ -34,6 +34,17 @@ def pair_vectors(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return R[idx_j] - R[idx_i] + offsets
 
 
+def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """Sum rows of ``src`` [M, ...] into ``dim_size`` bins given by ``index`` [M].
+
+    Uses ``scatter_add`` rather than ``index_add``: torch 2.13's inductor fails to
+    compile ``index_add`` into a single-row output (one system per batch).
+    """
+    out = torch.zeros((dim_size,) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    idx = index.view((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
+    return out.scatter_add(0, idx, src)
+
+
 def cell_volume(cell: torch.Tensor) -> torch.Tensor:
     """|det(cell)| per system.  [S]"""
     return torch.abs(torch.linalg.det(cell))

@@ -16,13 +16,12 @@ from typing import Sequence
 import torch
 
 from spkserve import keys
-from spkserve.model import AtomisticModel
+from spkserve.model import AtomisticModel, scatter_sum
 from spkserve.registry import register
 
 
 def _per_system(e_atom: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    n_sys = inputs[keys.n_atoms].shape[0]
-    return torch.zeros(n_sys, dtype=e_atom.dtype, device=e_atom.device).index_add(0, inputs[keys.idx_m], e_atom)
+    return scatter_sum(e_atom, inputs[keys.idx_m], inputs[keys.n_atoms].shape[0])
 
 
 class HarmonicTrap(AtomisticModel):
@@ -69,8 +68,7 @@ class HarmonicBonds(AtomisticModel):
         k = self.k.to(R.dtype).repeat(len(n_atoms))
         r0 = self.r0.to(R.dtype).repeat(len(n_atoms))
         e_bond = 0.5 * k * (d - r0) ** 2
-        e_atom = torch.zeros(R.shape[0], dtype=R.dtype, device=R.device)
-        e_atom = e_atom.index_add(0, gb[:, 0], 0.5 * e_bond).index_add(0, gb[:, 1], 0.5 * e_bond)
+        e_atom = scatter_sum(torch.cat([0.5 * e_bond, 0.5 * e_bond]), gb.T.reshape(-1), R.shape[0])
         return {keys.energy: _per_system(e_atom, inputs), keys.atomic_energies: e_atom}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from spkserve import keys
-from spkserve.model import AtomisticModel, pair_vectors
+from spkserve.model import AtomisticModel, pair_vectors, scatter_sum
 from spkserve.registry import register
 
 
@@ -35,10 +35,8 @@ class PairPotential(AtomisticModel):
         r_safe = torch.where(inside, r, torch.full_like(r, self.cutoff))
         shift = self.phi(torch.tensor(self.cutoff, dtype=r.dtype, device=r.device))
         e_pair = torch.where(inside, self.phi(r_safe) - shift, torch.zeros_like(r))  # [P]
-        e_atom = torch.zeros(inputs[keys.R].shape[0], dtype=r.dtype, device=r.device)
-        e_atom = e_atom.index_add(0, inputs[keys.idx_i], 0.5 * e_pair)  # [N]
-        n_sys = inputs[keys.n_atoms].shape[0]
-        energy = torch.zeros(n_sys, dtype=r.dtype, device=r.device).index_add(0, inputs[keys.idx_m], e_atom)
+        e_atom = scatter_sum(0.5 * e_pair, inputs[keys.idx_i], inputs[keys.R].shape[0])  # [N]
+        energy = scatter_sum(e_atom, inputs[keys.idx_m], inputs[keys.n_atoms].shape[0])  # [S]
         return {keys.energy: energy, keys.atomic_energies: e_atom}
 
 
