@@ -67,6 +67,7 @@ Splits (:mod:`.splits`): ``make_split``, ``save_split``, ``load_split``.
 from .atoms_db import IDX, ASEAtomsData, AtomsDataError
 from .collate import collate_atoms
 from .datamodule import AtomsDataModule
+from .datasets import ISO17, MD17, MD22, QM9, RMD17, DownloadError, ReferenceDataset, download_file
 from .importers import (
     MD17_KEYS,
     RMD17_KEYS,
@@ -92,6 +93,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "ISO17", "MD17", "MD22", "QM9", "RMD17", "DownloadError", "ReferenceDataset", "download_file",
     "IDX", "ASEAtomsData", "AtomsDataError", "collate_atoms", "AtomsDataModule",
     "MD17_KEYS", "RMD17_KEYS", "from_ase_db", "from_ase_file", "from_atoms_list", "from_extxyz", "from_npz",
     "from_trajectory", "load_split", "make_split", "save_split", "fit_offsets", "property_stats",
