@@ -20,8 +20,8 @@ Quirks handled:
   i-PI's Python driver does, and gets INIT (bead index, empty string).
 * LAMMPS and ASE only connect to ``/tmp/ipi_NAME``; a stale socket file left
   by a crash is detected (nobody accepts on it) and removed before binding.
-* LAMMPS ``fix ipi`` fills only the upper triangle of the virial; a virial with
-  an all-zero lower and non-zero upper triangle is mirrored.
+* LAMMPS ``fix ipi`` fills only one off-diagonal triangle of the virial; a
+  virial with one all-zero and one non-zero triangle is mirrored.
 """
 
 from __future__ import annotations
@@ -104,11 +104,13 @@ def _bind_unix(path: str) -> socket.socket:
 
 
 def _fix_triangular(virial: np.ndarray) -> np.ndarray:
-    """Mirror a virial whose lower triangle is zero and upper is not (LAMMPS fix ipi)."""
+    """Mirror a virial with one all-zero off-diagonal triangle (LAMMPS fix ipi sends only xy, xz, yz)."""
     lower = virial[np.tril_indices(3, -1)]
     upper = virial[np.triu_indices(3, 1)]
     if not lower.any() and upper.any():
-        virial = np.triu(virial) + np.triu(virial, 1).T
+        return np.triu(virial) + np.triu(virial, 1).T
+    if not upper.any() and lower.any():
+        return np.tril(virial) + np.tril(virial, -1).T
     return virial
 
 
