@@ -23,7 +23,6 @@ import importlib
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -250,6 +249,32 @@ class ProviderCalculator(Calculator):
 
     def close(self) -> None:
         self.provider.close()
+
+    # A skin neighbor list's pair ORDER depends on when it was last built, and the order of
+    # floating-point sums follows it. For a bit-for-bit restart the checkpoint therefore holds
+    # the list (reference positions and pairs). Providers may offer state_dict()/load_state_dict()
+    # themselves; for spkserve's ModelRunner the SkinNeighborList fields are saved.
+    _NL_FIELDS = ("_ref_positions", "_ref_cell", "_ref_pbc", "_ref_n_atoms")
+
+    def state_dict(self) -> dict:
+        if callable(getattr(self.provider, "state_dict", None)):
+            return {"provider": self.provider.state_dict()}
+        nl = getattr(self.provider, "neighbors", None)
+        if nl is not None and getattr(nl, "_pairs", None) is not None and all(hasattr(nl, f) for f in self._NL_FIELDS):
+            state = {f: getattr(nl, f).clone() for f in self._NL_FIELDS}
+            state["pairs"] = [t.clone() for t in nl._pairs]
+            return {"skin_neighbor_list": state}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "provider" in state:
+            self.provider.load_state_dict(state["provider"])
+        elif "skin_neighbor_list" in state:
+            nl = self.provider.neighbors
+            st = state["skin_neighbor_list"]
+            for f in self._NL_FIELDS:
+                setattr(nl, f, st[f])
+            nl._pairs = tuple(st["pairs"])
 
 
 class BundleCalculator(ProviderCalculator):

@@ -81,6 +81,8 @@ class Simulator:
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self.seed)
+        #: True while a step is part-way done (positions/momenta not at a full step)
+        self.in_step = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -150,6 +152,7 @@ class Simulator:
             finalize = _overrides("on_step_finalize", hooks)
             check = self._check_finite
             for _ in range(n_steps):
+                self.in_step = True
                 for f in begin:
                     f(self)
                 integrator.main_step(system)
@@ -161,6 +164,7 @@ class Simulator:
                 for f in end:
                     f(self)
                 self.step += 1
+                self.in_step = False
                 for f in finalize:
                     f(self)
         except BaseException as error:

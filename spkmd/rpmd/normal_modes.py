@@ -37,7 +37,7 @@ def normal_mode_matrix(n_beads: int, dtype: torch.dtype = torch.float64) -> torc
         if 2 * kk < P:
             C[:, kk] = math.sqrt(2.0 / P) * torch.cos(arg[:, kk])
         elif 2 * kk == P:
-            C[:, kk] = torch.tensor([(-1.0) ** jj for jj in range(P)]) / math.sqrt(P)
+            C[:, kk] = torch.tensor([(-1.0) ** jj for jj in range(P)], dtype=torch.float64) / math.sqrt(P)
         else:
             C[:, kk] = math.sqrt(2.0 / P) * torch.sin(arg[:, kk])
     return C.to(dtype)

@@ -1,0 +1,150 @@
+"""Velocity Verlet: energy conservation (error ~ dt²), hook order, batching, resuming."""
+
+import ase.build
+import numpy as np
+import pytest
+import torch
+
+from spkserve import units
+from spkserve.potentials import reference_bundle
+from spkmd.calculators import BundleCalculator
+from spkmd.hooks.base import Hook
+from spkmd.initializers import MaxwellBoltzmann
+from spkmd.integrators import VelocityVerlet
+from spkmd.simulator import Simulator
+from spkmd.system import System
+from spkmd.testing import argon_cluster, lj_argon_calculator
+
+pytestmark = pytest.mark.timeout(120)
+torch.set_num_threads(1)  # small systems: threads only add contention on a shared machine
+
+
+def max_energy_error(system, calculator, dt_fs, total_fs):
+    sim = Simulator(system, VelocityVerlet(dt_fs), calculator, seed=0)
+    sim.simulate(0)
+    e0 = sim.conserved_energy().clone()
+    err = torch.zeros_like(e0)
+    n = int(round(total_fs / dt_fs))
+    for _ in range(n // 10):
+        sim.simulate(10)
+        err = torch.maximum(err, (sim.conserved_energy() - e0).abs())
+    return err, sim
+
+
+@pytest.fixture(scope="module")
+def lj_calc(tmp_path_factory):
+    # cutoff larger than the cluster: no pair crosses the (force-discontinuous) cutoff
+    return lj_argon_calculator(tmp_path_factory.mktemp("lj"), cutoff_angstrom=12.0)
+
+
+def argon_system(n_replicas=1, seed=0, temperature_K=40.0):
+    s = System.from_atoms([argon_cluster(seed=seed), argon_cluster(seed=seed + 1)], n_replicas=n_replicas)
+    MaxwellBoltzmann(temperature_K, remove_translation=True, remove_rotation=True)(s, torch.Generator().manual_seed(seed))
+    return s
+
+
+def test_nve_lennard_jones_error_scales_as_dt2(lj_calc):
+    errs = []
+    for dt in (10.0, 5.0):
+        err, sim = max_energy_error(argon_system(n_replicas=2), lj_calc, dt, 1000.0)
+        errs.append(float(err.max()) * units.factor("Hartree", "eV"))
+    # 13 atoms at 40 K: stated bound for the conserved-energy error per atom
+    assert errs[1] / 13 < 2e-5, errs  # eV/atom at 5 fs
+    ratio = errs[0] / errs[1]
+    assert 2.5 < ratio < 6.0, (errs, ratio)
+
+
+def test_nve_harmonic_bonds_error_scales_as_dt2(tmp_path):
+    path = reference_bundle("harmonic_bonds", tmp_path / "h2o.bundle", bonds=[[0, 1], [0, 2], [1, 2]],
+                            k=[30.0, 30.0, 5.0], r0=[0.97, 0.97, 1.55], n_atoms=3)
+    calc = BundleCalculator(path, skin_angstrom=0.0)
+    errs = []
+    for dt in (0.2, 0.1):
+        s = System.from_atoms([ase.build.molecule("H2O")] * 3, n_replicas=2)
+        MaxwellBoltzmann(600.0, remove_translation=True)(s, torch.Generator().manual_seed(4))
+        err, sim = max_energy_error(s, calc, dt, 100.0)
+        errs.append(float(err.max()) * units.factor("Hartree", "eV"))
+        assert float(sim.system.temperature().mean()) > 100.0  # it moved
+    assert errs[1] < 2e-4, errs
+    assert 3.0 < errs[0] / errs[1] < 5.0, errs
+
+
+class Recorder(Hook):
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def on_simulation_start(self, sim):
+        self.log.append(("start", self.name))
+
+    def on_step_begin(self, sim):
+        self.log.append(("begin", self.name))
+
+    def on_step_middle(self, sim):
+        self.log.append(("middle", self.name))
+
+    def on_step_end(self, sim):
+        self.log.append(("end", self.name))
+
+    def on_step_finalize(self, sim):
+        self.log.append(("finalize", self.name, sim.step))
+
+    def on_simulation_end(self, sim):
+        self.log.append(("stop", self.name))
+
+
+def test_hook_order_is_symmetric(lj_calc):
+    log = []
+    sim = Simulator(argon_system(), VelocityVerlet(5.0), lj_calc, hooks=[Recorder("A", log), Recorder("B", log)])
+    sim.simulate(1)
+    assert log == [
+        ("start", "A"), ("start", "B"),
+        ("begin", "A"), ("begin", "B"),
+        ("middle", "A"), ("middle", "B"),
+        ("end", "B"), ("end", "A"),
+        ("finalize", "A", 1), ("finalize", "B", 1),
+        ("stop", "A"), ("stop", "B"),
+    ]
+
+
+def test_simulate_resumes_bit_for_bit(tmp_path):
+    a = Simulator(argon_system(), VelocityVerlet(5.0), lj_argon_calculator(tmp_path, cutoff_angstrom=12.0))
+    a.simulate(20)
+    a.simulate(30)
+    b = Simulator(argon_system(), VelocityVerlet(5.0), lj_argon_calculator(tmp_path, cutoff_angstrom=12.0))
+    b.simulate(50)
+    assert a.step == b.step == 50
+    assert torch.equal(a.system.positions, b.system.positions)
+    assert torch.equal(a.system.momenta, b.system.momenta)
+
+
+def test_batched_molecules_and_replicas_match_separate_runs(lj_calc):
+    """Two different molecules x 3 replicas in one run == each molecule alone."""
+    import ase
+
+    c1 = argon_cluster(seed=0)
+    c2 = argon_cluster(n_shells=2, seed=5)[:9]  # a different molecule (9 atoms)
+    batched = System.from_atoms([c1, c2], n_replicas=3)
+    MaxwellBoltzmann(60.0)(batched, torch.Generator().manual_seed(2))
+    batched.positions[1] += 0.01  # replicas differ
+    singles = []
+    for k in range(2):
+        sl = batched.molecule_slice(k)
+        for r in range(3):
+            s = System.from_atoms([c1, c2][k])
+            s.positions.copy_(batched.positions[r : r + 1, sl])
+            s.momenta.copy_(batched.momenta[r : r + 1, sl])
+            singles.append((k, r, s))
+    Simulator(batched, VelocityVerlet(5.0), lj_calc).simulate(40)
+    for k, r, s in singles:
+        Simulator(s, VelocityVerlet(5.0), lj_calc).simulate(40)
+        sl = batched.molecule_slice(k)
+        torch.testing.assert_close(batched.positions[r, sl], s.positions[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(batched.momenta[r, sl], s.momenta[0], rtol=0, atol=1e-10)
+
+
+def test_time_step_in_fs():
+    vv = VelocityVerlet(0.5)
+    assert abs(vv.time_step - 0.5e-15 / units.AU_TIME_IN_S) < 1e-12
+    assert abs(vv.time_step_fs - 0.5) < 1e-14
+    with pytest.raises(ValueError, match="positive"):
+        VelocityVerlet(0.0)
