@@ -43,6 +43,8 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--device", default="cpu", show_default=True, help="Torch device.")
 @click.option("--skin", "skin_angstrom", type=float, default=1.0, show_default=True,
               help="Neighbor-list skin (Å); 0 rebuilds the list every call.")
+@click.option("--torch-threads", type=int, default=1, show_default=True,
+              help="Torch intra-op threads; 1 is fastest for small molecules and on busy machines.")
 @click.option("--request-timeout-s", type=float, default=60.0, show_default=True)
 @click.option("--max-connections", type=int, default=64, show_default=True)
 @click.option("--max-message-mb", type=float, default=64.0, show_default=True, help="Largest accepted message.")
@@ -51,7 +53,7 @@ def read_token(token_file: str | None) -> str | None:
               show_default=True)
 def serve(bundle: str, unix_path: str | None, host: str | None, port: int | None, batch_window_us: float,
           max_batch_atoms: int, no_batching: bool, token_file: str | None, allow_remote: bool,
-          dtype: str | None, device: str, skin_angstrom: float, request_timeout_s: float, max_connections: int,
+          dtype: str | None, device: str, skin_angstrom: float, torch_threads: int, request_timeout_s: float, max_connections: int,
           max_message_mb: float, max_atoms: int, log_level: str) -> None:
     """Serve BUNDLE to msgpack clients (spkserve.server.client.Client, RemoteCalculator,
     spkmd) with dynamic batching. Stops cleanly on SIGTERM/SIGINT after answering
@@ -72,7 +74,7 @@ def serve(bundle: str, unix_path: str | None, host: str | None, port: int | None
             unix_path=unix_path, host=host, port=port or 0, token=read_token(token_file),
             allow_remote=allow_remote, batch_window_us=batch_window_us, max_batch_atoms=max_batch_atoms,
             max_batch_requests=1 if no_batching else None, request_timeout_s=request_timeout_s,
-            max_connections=max_connections, limits=limits,
+            max_connections=max_connections, limits=limits, torch_threads=torch_threads,
         )
         server.serve_forever(handle_signals=True)
     except (ServerSetupError, ValueError, OSError) as err:
