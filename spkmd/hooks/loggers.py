@@ -171,7 +171,13 @@ class FileLogger(Hook):
 
         if not self.path.is_file():
             raise FileNotFoundError(f"log file {str(self.path)!r} to continue from the checkpoint is missing")
-        f = h5py.File(self.path, "a", libver="latest")
+        try:
+            f = h5py.File(self.path, "a", libver="latest")
+        except OSError:
+            # a killed SWMR writer leaves the file marked "open for writing"; readers still
+            # work, so rewrite it (temp file + rename) and open the copy
+            self._rewrite_after_crash()
+            f = h5py.File(self.path, "a", libver="latest")
         have = int(f.attrs["entries"])
         if have < entries:
             f.close()
@@ -183,6 +189,24 @@ class FileLogger(Hook):
         f.swmr_mode = True
         self.file = f
         self.entries = entries
+
+    def _rewrite_after_crash(self) -> None:
+        import os
+        import tempfile
+
+        import h5py
+
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            with h5py.File(self.path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+                dst.attrs.update(dict(src.attrs))
+                for group in ("properties", "molecules"):
+                    src.copy(src[group], dst, name=group)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def _make_buffers(self, simulator) -> None:
         vals, mol = self._values(simulator)
