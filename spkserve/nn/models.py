@@ -14,8 +14,9 @@ spec of a full model is::
         "postprocessors": {"postprocess": true, "cast_float64": false}}}
 
 Heads get ``n_in`` from the representation's ``n_atom_basis`` unless given.
-``"field"`` in the composite params (``{"electric_field": true}``) builds the
-field-response model :class:`spkserve.nn.field_schnet.FieldResponsePotential`.
+A field-aware representation (``field_schnet``) gives a
+:class:`spkserve.nn.field_schnet.FieldResponsePotential`, whose ``dipole_moment``
+and ``polarizability`` are -dE/dF and -d2E/dF2 (request them in ``properties``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from torch import nn
 
 from spkserve import keys
 from spkserve.registry import build, register
+from spkserve.nn.field_schnet import FieldResponsePotential, FieldSchNet
 from spkserve.nn.outputs import Atomwise, DipoleMoment, EnergySum, Polarizability, ZBLRepulsion
 from spkserve.nn.painn import PaiNN
 from spkserve.nn.potential import NeuralNetworkPotential
 from spkserve.nn.schnet import SchNet
+from spkserve.nn.so3net import SO3net
 
 _HEADS_WITH_N_IN = ("atomwise", "dipole_moment", "polarizability")
 
@@ -45,6 +48,18 @@ def build_schnet(**params: Any) -> nn.Module:
 def build_painn(**params: Any) -> nn.Module:
     """PaiNN representation (see :class:`spkserve.nn.painn.PaiNN`)."""
     return PaiNN(**params)
+
+
+@register("so3net")
+def build_so3net(**params: Any) -> nn.Module:
+    """SO3net representation (see :class:`spkserve.nn.so3net.SO3net`)."""
+    return SO3net(**params)
+
+
+@register("field_schnet")
+def build_field_schnet(**params: Any) -> nn.Module:
+    """FieldSchNet representation (see :class:`spkserve.nn.field_schnet.FieldSchNet`)."""
+    return FieldSchNet(**params)
 
 
 @register("atomwise")
@@ -89,7 +104,6 @@ def build_neural_network_potential(
     outputs: list[dict],
     input_modules: list[dict] | None = None,
     postprocessors: dict | None = None,
-    field: dict | None = None,
 ) -> nn.Module:
     """Composite model from nested specs (see the module docstring)."""
     rep = build(_check_spec(representation, "representation"))
@@ -119,10 +133,8 @@ def build_neural_network_potential(
         cast_float64=bool(post.get("cast_float64", False)),
         max_z=int(getattr(rep, "max_z", 100)),
     )
-    if field:
-        from spkserve.nn.field_schnet import FieldResponsePotential
-
-        return FieldResponsePotential(**kwargs, **field)
+    if hasattr(rep, "field_keys"):  # field-aware representation: responses are field derivatives
+        return FieldResponsePotential(**kwargs)
     return NeuralNetworkPotential(**kwargs)
 
 
