@@ -170,7 +170,11 @@ class NHCNormalModes(NoseHooverChain):
         q = (self.kT * tau * tau).view(-1, 1, 1)  # [P, 1, 1] one dof per chain
         self.nf = torch.ones(1, 1, 1, **kw)
         self.Q = [q for _ in range(self.chain_length)]
-        self.deltas = [wy * self.half_dt / self.n_steps for wy in _YOSHIDA[self.n_yoshida]] * self.n_steps
+        # the chains of the fast internal modes need sub-steps: at least 10 per τ_min
+        tau_min = float(tau.min())
+        n_steps = max(self.n_steps, math.ceil(10.0 * self.half_dt / tau_min))
+        self.n_steps_used = n_steps
+        self.deltas = [wy * self.half_dt / n_steps for wy in _YOSHIDA[self.n_yoshida]] * n_steps
 
     def half_step(self, system: System) -> None:
         bead_momenta = system.momenta
