@@ -143,6 +143,15 @@ UNITS: dict[str, Quantity] = {
     "": _ONE,
 }
 
+#: names whose case matters (SI prefixes M = 1e6 and m = 1e-3); looked up before
+#: the case-insensitive table above
+CASE_SENSITIVE_UNITS: dict[str, Quantity] = {
+    "MeV": _EV * _q(1e6),
+    "meV": _EV * _q(1e-3),
+    "MPa": _PASCAL * _q(1e6),
+    "mPa": _PASCAL * _q(1e-3),
+}
+
 _TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?)|(?P<name>[A-Za-zÅµ_][A-Za-zÅµ_0-9]*)|(?P<op>\*\*|[*/^()·]))")
 
 
@@ -218,6 +227,8 @@ class _Parser:
         if kind == "num":
             return _q(float(val))
         if kind == "name":
+            if val in CASE_SENSITIVE_UNITS:
+                return CASE_SENSITIVE_UNITS[val]
             key = val.lower()
             if key not in UNITS:
                 raise UnitError(
