@@ -240,3 +240,21 @@ def test_reference_cli(tmp_path):
     res = CliRunner().invoke(main, ["reference", "harmonic", "--trap", "--k", "0.5", "-o", str(tmp_path / "t.bundle")])
     assert res.exit_code == 0, res.output
     assert load_bundle(tmp_path / "t.bundle").architecture["params"]["k"] == 0.5
+
+
+def test_zero_dim_and_int_buffers_round_trip(tmp_path):
+    """Scalar (0-dim) and integer buffers hash and load exactly."""
+
+    class WithScalars(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(2.5, dtype=torch.float64))
+            self.register_buffer("count", torch.tensor(7))
+
+    model = WithScalars()
+    meta = {"species": [1], "cutoff": 0.0, "units": {"length": "Angstrom", "energy": "eV"},
+            "outputs": {"energy": {"unit": "eV", "per": "system"}}}
+    registry.ARCHITECTURES.setdefault("_test_scalars", lambda: WithScalars())
+    p = write_bundle(tmp_path / "s.bundle", model, meta, architecture={"name": "_test_scalars", "params": {}})
+    b = load_bundle(p)
+    assert b.model.scale.item() == 2.5 and b.model.count.item() == 7
