@@ -1,8 +1,136 @@
-"""The ``spkmd`` command."""
+"""The ``spkmd`` command (click, thin over :mod:`spkmd.run`, :mod:`spkmd.data`, :mod:`spkmd.plotting`).
+
+    spkmd simulation_dir=DIR [overrides...]        run (or restart) a simulation
+    spkmd run simulation_dir=DIR [overrides...]    the same
+    spkmd plot DIR                                 PNGs of energies, temperature, pressure
+    spkmd export DIR -o frames.extxyz              frames to extended XYZ
+    spkmd spectrum DIR -o spectrum.png             power (or IR) spectrum
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import click
 
+_SUBCOMMANDS = ("run", "plot", "export", "spectrum")
 
-@click.group()
+
+class _DefaultRunGroup(click.Group):
+    """A group whose default command is ``run``: ``spkmd key=value ...`` == ``spkmd run key=value ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultRunGroup)
+@click.version_option(package_name="spk-toolkit")
 def main() -> None:
-    """Molecular dynamics with bundles and other force providers."""
+    """Molecular dynamics with model bundles and other force providers.
+
+    Without a subcommand, the arguments are hydra overrides of the run command,
+    e.g. ``spkmd simulation_dir=runs/etoh dynamics.n_steps=1000 +dynamics/thermostat=nhc``.
+    """
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(str(err)) from err
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Load a saved config (e.g. DIR/config.yaml); key=value overrides still apply.")
+@click.option("--config-dir", type=click.Path(file_okay=False), help="Extra directory with config groups (searched before the shipped ones).")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def run(overrides: tuple[str, ...], config_file: str | None, config_dir: str | None, print_config: bool) -> None:
+    """Run or restart a simulation (overrides: key=value, group=option, +group=option, ~key)."""
+    from omegaconf import OmegaConf
+
+    from spkmd.run import load_config, run_simulation
+
+    try:
+        cfg = load_config(overrides, config_file=config_file, config_dir=config_dir)
+        if print_config:
+            click.echo(OmegaConf.to_yaml(cfg, resolve=True))
+            return
+        run_simulation(cfg)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        _fail(err)
+
+
+def _log_file(directory: str) -> Path:
+    p = Path(directory)
+    if p.is_file():
+        return p
+    f = p / "simulation.hdf5"
+    if not f.is_file():
+        raise click.ClickException(f"no simulation log at {f}")
+    return f
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (default DIR/plots).")
+@click.option("--molecule", type=int, default=None, help="Only this molecule.")
+def plot(directory: str, out_dir: str | None, molecule: int | None) -> None:
+    """PNG plots of energies, temperature and pressure of a run."""
+    from spkmd.plotting import plot_log
+
+    log = _log_file(directory)
+    out = Path(out_dir) if out_dir else log.parent / "plots"
+    try:
+        for f in plot_log(log, out, molecule):
+            click.echo(str(f))
+    except (ValueError, KeyError, IndexError) as err:
+        _fail(err)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Extended XYZ file.")
+@click.option("--replica", type=int, default=None, help="Export this replica (default: centroid).")
+@click.option("--centroid", is_flag=True, help="Export the centroid (mean over replicas; the default).")
+@click.option("--molecule", type=int, default=None, help="Only this molecule (default: all).")
+@click.option("--every", type=int, default=1, show_default=True, help="Every n-th logged frame.")
+def export(directory: str, out_file: str, replica: int | None, centroid: bool, molecule: int | None, every: int) -> None:
+    """Export logged frames (positions, momenta, cell, energy, forces) to extended XYZ."""
+    from spkmd.data import HDF5Loader
+
+    if centroid and replica is not None:
+        raise click.UsageError("give --replica K or --centroid, not both")
+    try:
+        n = HDF5Loader(_log_file(directory)).write_extxyz(out_file, molecule=molecule, replica=replica, every=every)
+    except (ValueError, KeyError, IndexError) as err:
+        _fail(err)
+    click.echo(f"wrote {n} frames to {out_file}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+@click.option("--kind", type=click.Choice(["power", "ir"]), default="power", show_default=True)
+@click.option("--molecule", type=int, default=0, show_default=True)
+@click.option("--skip", type=int, default=0, show_default=True, help="Logged frames to skip (equilibration).")
+@click.option("--resolution", type=int, default=4096, show_default=True, help="Correlation length in frames.")
+def spectrum(directory: str, out_file: str, kind: str, molecule: int, skip: int, resolution: int) -> None:
+    """Vibrational power spectrum (velocity autocorrelation) or IR spectrum (dipole derivative)."""
+    from spkmd.data import HDF5Loader
+    from spkmd.spectra import ir_spectrum, plot_spectrum, power_spectrum
+
+    try:
+        log = HDF5Loader(_log_file(directory), skip_initial=skip)
+        if kind == "power":
+            freq, intensity = power_spectrum(log, molecule=molecule, resolution=resolution)
+        else:
+            freq, intensity = ir_spectrum(log, molecule=molecule, resolution=resolution)
+        plot_spectrum(freq, intensity, out_file, title=f"{kind} spectrum, molecule {molecule}")
+    except (ValueError, KeyError, IndexError) as err:
+        _fail(err)
+    click.echo(f"wrote {out_file}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
