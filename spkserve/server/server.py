@@ -154,6 +154,8 @@ class ModelServer:
         if "species" not in self.info:
             raise ValueError("info must list the model's 'species'")
         self._species = np.asarray(sorted(int(z) for z in self.info["species"]), dtype=np.int64)
+        self._known = np.zeros(P.MAX_ELEMENT + 1, dtype=bool)  # lookup table by atomic number
+        self._known[self._species] = True
         self.stats = ServerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -523,8 +525,8 @@ class ModelServer:
     async def _compute(self, conn: _Connection, req: P.Request) -> dict:
         P.check_properties(req.properties, self.available_properties)
         for k, s in enumerate(req.structures):
-            unknown = np.setdiff1d(s.numbers, self._species)
-            if unknown.size:
+            if not self._known[s.numbers].all():
+                unknown = np.setdiff1d(s.numbers, self._species)
                 raise P.ProtocolError(
                     P.UNKNOWN_ELEMENT,
                     f"structure {k}: atomic numbers {unknown.tolist()} unknown to this model "
