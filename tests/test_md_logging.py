@@ -1,0 +1,137 @@
+"""HDF5 logging and loading, extended-XYZ export, TensorBoard, spectra."""
+
+import ase.io
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from spkserve import units
+from spkmd.data import HDF5Loader
+from spkmd.hooks import FileLogger, Hook, TensorBoardLogger
+from spkmd.initializers import MaxwellBoltzmann
+from spkmd.integrators import VelocityVerlet
+from spkmd.simulator import Simulator
+from spkmd.spectra import power_spectrum
+from spkmd.system import System
+from spkmd.testing import argon_cluster, lj_argon_calculator, trap_calculator, trapped_atoms
+from spkmd.thermostats import Langevin
+
+pytestmark = pytest.mark.timeout(120)
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def calc(tmp_path_factory):
+    return lj_argon_calculator(tmp_path_factory.mktemp("lj"), cutoff_angstrom=8.0)
+
+
+def make_sim(calc, path, replicas=3, **logger_kw):
+    s = System.from_atoms([argon_cluster(seed=0), argon_cluster(seed=1)[:7]], n_replicas=replicas)
+    s.positions[1] += 0.02
+    MaxwellBoltzmann(50.0)(s, torch.Generator().manual_seed(0))
+    log = FileLogger(path, **logger_kw)
+    return Simulator(s, VelocityVerlet(5.0), calc, hooks=[Langevin(50.0), log], seed=0), log
+
+
+class Peek(Hook):
+    """Read the log file while the run is writing it (SWMR reader)."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, []
+
+    def on_step_finalize(self, sim):
+        if sim.step in (3, 5, 10):
+            self.seen.append((sim.step, len(HDF5Loader(self.path))))
+
+
+def test_values_units_and_buffering(calc, tmp_path):
+    path = tmp_path / "log.hdf5"
+    sim, log = make_sim(calc, path, buffer_size=5, forces=True)
+    peek = Peek(path)
+    sim.hooks.append(peek)
+    sim.simulate(12)
+    # initial state + 12 steps; buffer of 5 -> flushed at steps 4 and 9 (entries 0-4, 0-9)
+    assert peek.seen == [(3, 0), (5, 5), (10, 10)]
+    data = HDF5Loader(path)
+    assert data.steps.tolist() == list(range(13))
+    np.testing.assert_allclose(data.times_fs, 5.0 * np.arange(13))
+    s = sim.system
+    to_A = units.factor("Bohr", "Angstrom")
+    # last frame, replica 1, molecule 1 (positions stored as float32)
+    sl = s.molecule_slice(1)
+    np.testing.assert_allclose(data.get_positions(1, replica=1)[-1], s.positions[1, sl].numpy() * to_A, atol=2e-5)
+    np.testing.assert_allclose(data.get_positions(None)[-1], s.positions.mean(0).numpy() * to_A, atol=2e-5)
+    np.testing.assert_allclose(data.get_forces(0, 2)[-1], s.forces[2, s.molecule_slice(0)].numpy() * units.factor("Hartree/Bohr", "eV/Angstrom"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(data.get_temperature(0)[-1], float(s.temperature()[:, 0].mean()), rtol=1e-12)
+    np.testing.assert_allclose(data.get_potential_energy(1, 0)[-1], float(s.energy[0, 1]) * units.factor("Hartree", "eV"), rtol=1e-12)
+    np.testing.assert_allclose(data.get_property("conserved_energy", 0, 0)[-1], float(sim.conserved_energy()[0, 0]) * units.factor("Hartree", "eV"), rtol=1e-12)
+    assert data.units["positions"] == "Angstrom" and data.units["temperature"] == "K"
+    # a second simulate() call appends
+    sim.simulate(3)
+    assert HDF5Loader(path).steps.tolist() == list(range(16))
+
+
+def test_flush_on_exception(calc, tmp_path):
+    path = tmp_path / "log.hdf5"
+    sim, log = make_sim(calc, path, buffer_size=1000)
+
+    class Boom(Hook):
+        def on_step_finalize(self, sim):
+            if sim.step == 6:
+                raise RuntimeError("boom")
+
+    sim.hooks.append(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        sim.simulate(20)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["entries"] == 7
+    assert HDF5Loader(path).steps.tolist() == list(range(7))
+
+
+def test_export_extxyz_and_atoms(calc, tmp_path):
+    path = tmp_path / "log.hdf5"
+    sim, log = make_sim(calc, path, forces=True)
+    sim.simulate(4)
+    data = HDF5Loader(path)
+    out = tmp_path / "frames.extxyz"
+    n = data.write_extxyz(out, replica=2, every=2)
+    assert n == 3 * 2  # frames 0, 2, 4 for two molecules
+    frames = ase.io.read(out, index=":")
+    last = frames[-1]  # step 4, molecule 1, replica 2
+    s = sim.system
+    sl = s.molecule_slice(1)
+    assert last.info["step"] == 4 and len(last) == 7
+    np.testing.assert_allclose(last.get_forces(), s.forces[2, sl].numpy() * units.factor("Hartree/Bohr", "eV/Angstrom"), rtol=1e-4, atol=1e-6)
+    assert abs(last.get_potential_energy() - float(s.energy[2, 1]) * units.factor("Hartree", "eV")) < 1e-9
+    v_ase = last.get_velocities() * units.factor("(eV/amu)^0.5", "Bohr/au_time")
+    np.testing.assert_allclose(v_ase, s.velocities[2, sl].numpy(), rtol=1e-4, atol=1e-9)
+    with pytest.raises(IndexError, match="replica"):
+        data.to_atoms(0, 0, replica=7)
+    with pytest.raises(KeyError, match="not logged"):
+        data.get_property("dipole_moment")
+
+
+def test_tensorboard_writes_events(calc, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed")
+    sim, log = make_sim(calc, tmp_path / "log.hdf5")
+    sim.hooks.append(TensorBoardLogger(tmp_path / "tb", every_n_steps=2))
+    sim.simulate(4)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_power_spectrum_peak_of_harmonic_trap(tmp_path):
+    # carbon atoms in a trap: omega = sqrt(k/m); NVE so the peak is sharp
+    k = 0.1
+    calc = trap_calculator(tmp_path, k_eV_per_A2=k)
+    s = trapped_atoms(8, seed=0)
+    MaxwellBoltzmann(300.0, remove_translation=False)(s, torch.Generator().manual_seed(0))
+    sim = Simulator(s, VelocityVerlet(2.0), calc, hooks=[FileLogger(tmp_path / "t.hdf5", every_n_steps=2, float64=True)])
+    sim.simulate(2000)
+    data = HDF5Loader(tmp_path / "t.hdf5")
+    freq, spec = power_spectrum(data, molecule=3)
+    omega = np.sqrt(k * units.factor("eV/Angstrom^2", "Hartree/Bohr^2") / float(s.masses[3]))  # 1/au_time
+    expected = omega / (2 * np.pi) * units.factor("1/au_time", "1/fs") / (units.SPEED_OF_LIGHT_M_PER_S * units.factor("m/s", "cm/fs"))
+    peak = freq[np.argmax(spec)]
+    resolution = freq[1] - freq[0]
+    assert abs(peak - expected) <= 2 * resolution, (peak, expected, resolution)
