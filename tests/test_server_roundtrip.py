@@ -111,6 +111,25 @@ def test_remote_provider_is_a_force_provider(server, runner):
     np.testing.assert_allclose(out["forces"].numpy(), ref["forces"], rtol=1e-12, atol=1e-12)
 
 
+def test_spkmd_runs_on_a_remote_provider(server, lj_bundle):
+    import torch
+
+    from spkmd.calculators import BundleCalculator, ProviderCalculator, load_provider
+    from spkmd.system import System
+
+    remote = ProviderCalculator(load_provider("spkserve.server.client:RemoteProvider", unix=server.address))
+    local = BundleCalculator(lj_bundle)
+    systems = [System.from_atoms([argon_cluster(7, seed=8), ethanol(seed=9)], n_replicas=2) for _ in range(2)]
+    for system, calc in zip(systems, (remote, local)):
+        system.positions = system.positions + 0.01 * torch.arange(2, dtype=system.positions.dtype).view(2, 1, 1)
+        calc.check(system)
+        calc.calculate(system)
+    remote.close()
+    assert systems[0].forces.shape == (2, 16, 3)
+    torch.testing.assert_close(systems[0].energy, systems[1].energy, rtol=1e-12, atol=0)
+    torch.testing.assert_close(systems[0].forces, systems[1].forces, rtol=1e-10, atol=1e-14)
+
+
 def _concurrent(server, n_clients, make_atoms, properties=("energy", "forces")):
     """n_clients threads each send one compute at the same moment; returns their results."""
     barrier = threading.Barrier(n_clients)

@@ -253,6 +253,8 @@ class RemoteProvider:
         self.client = Client(**client_kwargs)
         self.metadata = self.client.metadata()
         self.available_properties: tuple[str, ...] = tuple(self.metadata["available_properties"])
+        #: model cutoff in Å (the MD engine checks cells against it)
+        self.cutoff_angstrom: float | None = self.metadata.get("cutoff_angstrom")
 
     def compute(self, structures: Iterable[Any], properties: Sequence[str] = ("energy", "forces")) -> dict:
         import torch
