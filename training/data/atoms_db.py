@@ -132,6 +132,8 @@ class ASEAtomsData(torch.utils.data.Dataset):
         self.transforms = list(transforms)
         self._conn = None
         self._conn_pid: int | None = None
+        self._read_conn = None
+        self._read_pid: int | None = None
         self._memory: dict[int, Sample] | None = None
         self._fingerprint: str | None = None
         meta = self.metadata
@@ -282,10 +284,21 @@ class ASEAtomsData(torch.utils.data.Dataset):
             self._conn_pid = pid
         return self._conn
 
+    def _reader(self):
+        """A read-only connection kept open (one per process): no reconnect per row."""
+        from ase.db import connect
+
+        pid = os.getpid()
+        if self._read_conn is None or self._read_pid != pid:
+            self._read_conn = connect(str(self.path), type="db", use_lock_file=False)
+            self._read_conn.__enter__()  # ASE keeps the sqlite connection open inside a with-block
+            self._read_pid = pid
+        return self._read_conn
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_conn"] = None
-        state["_conn_pid"] = None
+        state["_conn"] = state["_read_conn"] = None
+        state["_conn_pid"] = state["_read_pid"] = None
         return state
 
     def _check_ids(self) -> None:
@@ -381,6 +394,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._conn, new._conn_pid = None, None
+        new._read_conn, new._read_pid = None, None
         new.transforms = list(self.transforms)
         new.indices = self.indices[idx]
         return new
@@ -409,7 +423,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
         row_idx = int(self.indices[i])
         if self._memory is not None:
             return dict(self._memory[row_idx])
-        return self._row_to_sample(self._db().get(id=row_idx + 1))
+        return self._row_to_sample(self._reader().get(id=row_idx + 1))
 
     def __getitem__(self, i: int) -> Sample:
         sample = self.get_raw(i)

@@ -39,6 +39,8 @@ class AtomsDataModule(pl.LightningDataModule):
         num_workers, pin_memory: DataLoader settings (workers persist between epochs).
         seed: seed of the random split.
         in_memory: read the whole database into memory once at setup (fast epochs).
+        precompute_neighbors: compute the lists of every :class:`NeighborList` transform at
+            setup in batched calls (default: ``in_memory``); they are then served from memory.
         validate: check every row (missing properties, shapes, NaN) at setup.
 
     After :meth:`setup`: ``train_dataset``, ``val_dataset``, ``test_dataset``,
@@ -72,6 +74,7 @@ class AtomsDataModule(pl.LightningDataModule):
         in_memory: bool = True,
         validate: bool = True,
         test_batch_size: int | None = None,
+        precompute_neighbors: bool | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -100,6 +103,7 @@ class AtomsDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.in_memory = in_memory
         self.validate = validate
+        self.precompute_neighbors = in_memory if precompute_neighbors is None else precompute_neighbors
         self.dataset: ASEAtomsData | None = None
         self.train_idx = self.val_idx = self.test_idx = None
         self.train_dataset = self.val_dataset = self.test_dataset = None
@@ -158,7 +162,17 @@ class AtomsDataModule(pl.LightningDataModule):
         self.train_dataset = ds.subset(self.train_idx).with_transforms(lists["train"])
         self.val_dataset = ds.subset(self.val_idx).with_transforms(lists["val"])
         self.test_dataset = ds.subset(self.test_idx).with_transforms(lists["test"])
+        if self.precompute_neighbors:
+            self._precompute_neighbors()
         self._check_first_samples()
+
+    def _precompute_neighbors(self) -> None:
+        """Fill the in-memory caches of every NeighborList with batched calls (static datasets)."""
+        for ds in (self.train_dataset, self.val_dataset, self.test_dataset):
+            for k, t in enumerate(ds.transforms):
+                if isinstance(t, NeighborList) and t.cache_in_memory:
+                    prefix = ds.transforms[:k]
+                    t.precompute(_apply(prefix, ds.get_raw(i)) for i in range(len(ds)))
 
     def _prepare_transform(self, t: Transform, train_raw: ASEAtomsData, fp: str) -> Transform:
         if isinstance(t, RemoveOffsets) and not t.is_fitted:
@@ -273,3 +287,9 @@ class AtomsDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+def _apply(transforms: Sequence[Transform], sample):
+    for t in transforms:
+        sample = t(sample)
+    return sample

@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +100,22 @@ def check_cutoff(cell: np.ndarray, pbc: np.ndarray, cutoff: float, where: str) -
             )
 
 
+def _vesin_molecule(positions: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full list of one non-periodic system straight from vesin (no cell handling needed).
+
+    The batched :func:`spkserve.neighbors.neighbor_list` costs milliseconds per
+    call in fixed overhead, which would dominate per-sample use for molecules.
+    """
+    from vesin import NeighborList as VesinNL
+
+    R = positions.detach().cpu().double().numpy()
+    i, j = VesinNL(cutoff=cutoff, full_list=True).compute(points=R, box=np.zeros((3, 3)), periodic=False,
+                                                           quantities="ij")
+    i = torch.from_numpy(np.ascontiguousarray(i, dtype=np.int64))
+    j = torch.from_numpy(np.ascontiguousarray(j, dtype=np.int64))
+    return i, j, torch.zeros(i.shape[0], 3, dtype=positions.dtype)
+
+
 class NeighborList(Transform):
     """Add a full neighbor list (``pair_i``, ``pair_j``, ``pair_shifts``) within ``cutoff``.
 
@@ -155,11 +171,59 @@ class NeighborList(Transform):
         """(pair_i [P], pair_j [P], pair_shifts [P, 3]) of one sample, no caching."""
         cell = sample[keys.cell].reshape(1, 3, 3)
         pbc = sample[keys.pbc].reshape(1, 3)
+        if self.backend == "vesin" and not bool(pbc.any()):
+            return _vesin_molecule(sample[keys.R], self.cutoff)
         if bool(pbc.any()):
             where = f"sample {int(sample[IDX][0])}" if IDX in sample else "sample"
             check_cutoff(cell[0].detach().cpu().double().numpy(), pbc[0].cpu().numpy(), self.cutoff, where)
         n = sample[keys.n_atoms].reshape(1)
         return neighbor_list(sample[keys.R], cell, pbc, n, self.cutoff, self.backend)
+
+    def precompute(self, samples: Iterable[Sample], chunk_size: int = 512) -> int:
+        """Fill the in-memory cache for many samples with few batched neighbor-list calls.
+
+        ``samples`` must be the samples as this transform will see them (the
+        transforms before it already applied) and carry ``_idx``. Returns the
+        number of lists computed. A batched call merges molecules, which makes
+        it far cheaper than one call per sample.
+        """
+        if not self.cache_in_memory:
+            raise RuntimeError("precompute() fills the in-memory cache; it is off (cache_in_memory=False)")
+        done = 0
+        chunk: list[Sample] = []
+        for s in samples:
+            if IDX not in s:
+                raise KeyError("precompute() needs samples with '_idx' (as ASEAtomsData returns them)")
+            chunk.append(s)
+            if len(chunk) == chunk_size:
+                done += self._precompute_chunk(chunk)
+                chunk = []
+        if chunk:
+            done += self._precompute_chunk(chunk)
+        return done
+
+    def _precompute_chunk(self, chunk: list[Sample]) -> int:
+        for s in chunk:
+            if bool(s[keys.pbc].any()):
+                check_cutoff(s[keys.cell].reshape(3, 3).double().numpy(), s[keys.pbc].reshape(3).numpy(),
+                              self.cutoff, f"sample {int(s[IDX][0])}")
+        n = torch.cat([s[keys.n_atoms] for s in chunk])  # [S]
+        R = torch.cat([s[keys.R] for s in chunk]).double()
+        cell = torch.cat([s[keys.cell].reshape(1, 3, 3) for s in chunk]).double()
+        pbc = torch.cat([s[keys.pbc].reshape(1, 3) for s in chunk])
+        i, j, S = neighbor_list(R, cell, pbc, n, self.cutoff, self.backend)
+        counts = n.numpy()
+        starts = np.cumsum(counts) - counts
+        system = np.repeat(np.arange(len(chunk)), counts)[i.numpy()]  # system of each pair
+        order = np.argsort(system, kind="stable")
+        per_system = np.bincount(system, minlength=len(chunk))
+        bounds = np.concatenate([[0], np.cumsum(per_system)])
+        i, j, S = i[order], j[order], S[order]
+        for k, s in enumerate(chunk):
+            a, b = bounds[k], bounds[k + 1]
+            off = int(starts[k])
+            self._memory[int(s[IDX][0])] = (_content_hash(s), i[a:b] - off, j[a:b] - off, S[a:b].clone())
+        return len(chunk)
 
     def __call__(self, sample: Sample) -> Sample:
         idx = int(sample[IDX][0]) if IDX in sample else None

@@ -1,0 +1,161 @@
+"""Data-loading benchmark: one training epoch of pure data loading, ours against SchNetPack 2.2.
+
+Setting (as in BENCHMARKS.md's training reference): the first 1200 frames of
+``shared/data/xtb/ethanol_gfn2xtb_500K`` (1000 train / 100 val / 100 test),
+batch 10, shuffled, transforms = neighbor list (cutoff 5 Å) + remove energy
+mean + cast to float32, ``num_workers=0``. An epoch is a full pass over the
+training dataloader (no model). Epochs are interleaved (ours, peer, ours, ...)
+after a warm-up epoch; the table gives the median and min-max over repeats.
+
+Ours: :class:`training.data.AtomsDataModule` (database read into memory at
+setup, vesin neighbor lists cached in memory after the first epoch); also
+shown: our first (cold-cache) epoch and the database-backed path
+(``in_memory=False``, lists recomputed: cache off).
+Peer: ``schnetpack.data.AtomsDataModule`` with ``MatScipyNeighborList``
+(recomputed per sample, as SchNetPack does), ``RemoveOffsets``, ``CastTo32``.
+
+Run:  PYTHONPATH=<dir with schnetpack 2.2.0> .venv/bin/python benchmarks/data_loading.py [--repeats 5]
+      (SchNetPack 2.2.0 is installed with ``pip install --no-deps --ignore-requires-python --target DIR
+      schnetpack==2.2.0 fasteners dirsync progressbar2 python-utils torch-ema``; without it only ours runs)
+Writes benchmarks/results/data_loading.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "xtb" / "ethanol_gfn2xtb_500K.extxyz"
+RESULTS = HERE / "results" / "data_loading.md"
+N_FRAMES, N_TRAIN, N_VAL, N_TEST, BATCH, CUTOFF = 1200, 1000, 100, 100, 10, 5.0
+
+
+def epoch_seconds(loader) -> float:
+    t = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += batch["energy"].shape[0] if "energy" in batch else 0
+    dt = time.perf_counter() - t
+    if n != N_TRAIN:
+        raise RuntimeError(f"an epoch delivered {n} systems, expected {N_TRAIN}")
+    return dt
+
+
+def ours(db: Path, split: Path, in_memory: bool = True, cache: bool = True):
+    from training.data import AtomsDataModule, CastTo32, NeighborList, RemoveOffsets
+
+    dm = AtomsDataModule(
+        db, BATCH, N_TRAIN, N_VAL, N_TEST, split_file=split, in_memory=in_memory,
+        transforms=[NeighborList(CUTOFF, cache_in_memory=cache), RemoveOffsets("energy", remove_atomrefs=False),
+                    CastTo32()],
+    )
+    dm.setup()
+    return dm
+
+
+def peer(db: Path, split: Path, workdir: Path):
+    import schnetpack as spk
+    import schnetpack.transform as trn
+
+    dm = spk.data.AtomsDataModule(
+        str(db), batch_size=BATCH, num_train=N_TRAIN, num_val=N_VAL, num_test=N_TEST, split_file=str(split),
+        transforms=[trn.MatScipyNeighborList(cutoff=CUTOFF),
+                    trn.RemoveOffsets("energy", remove_mean=True, remove_atomrefs=False), trn.CastTo32()],
+        num_workers=0, property_units={"energy": "eV", "forces": "eV/Ang"}, load_properties=["energy", "forces"],
+    )
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from ase.io import read
+
+    from training.data import from_atoms_list
+
+    frames = read(str(DATA), index=f":{N_FRAMES}")
+    work = Path(tempfile.mkdtemp(prefix="dataload_bench_"))
+    db = work / "ours.db"
+    from_atoms_list(frames, db, "Ang", {"energy": "eV", "forces": "eV/Ang"})
+    split = work / "split.npz"
+
+    t = time.perf_counter()
+    dm = ours(db, split)
+    setup_ours = time.perf_counter() - t
+    loader = dm.train_dataloader()
+    cold = epoch_seconds(loader)
+    dm_nocache = ours(db, split, in_memory=False, cache=False)
+    loader_nocache = dm_nocache.train_dataloader()
+
+    have_peer = True
+    try:
+        import schnetpack as spk
+
+        spk_db = work / "spk.db"
+        spkds = spk.data.ASEAtomsData.create(str(spk_db), distance_unit="Ang",
+                                             property_unit_dict={"energy": "eV", "forces": "eV/Ang"})
+        spkds.add_systems(
+            [{"energy": [a.get_potential_energy()], "forces": a.get_forces()} for a in frames], frames
+        )
+        t = time.perf_counter()
+        pdm = peer(spk_db, split, work)
+        setup_peer = time.perf_counter() - t
+        ploader = pdm.train_dataloader()
+        epoch_seconds(ploader)  # warm-up
+        version = spk.__version__ if hasattr(spk, "__version__") else "2.2.0"
+    except ImportError as err:
+        have_peer = False
+        print(f"SchNetPack not importable ({err}); measuring ours only")
+
+    epoch_seconds(loader_nocache)  # warm-up
+    a, b, c = [], [], []
+    for _ in range(args.repeats):
+        a.append(epoch_seconds(loader))
+        if have_peer:
+            b.append(epoch_seconds(ploader))
+        c.append(epoch_seconds(loader_nocache))
+
+    def fmt(xs):
+        return f"{statistics.median(xs):.3f} s ({min(xs):.3f}–{max(xs):.3f})" if xs else "–"
+
+    load = open("/proc/loadavg").read().split()[:3]
+    lines = [
+        "# Data loading: one epoch of 1000 ethanol frames (batch 10, NL 5 Å, remove mean, float32, 0 workers)",
+        "",
+        f"Command: `PYTHONPATH=<schnetpack dir> .venv/bin/python benchmarks/data_loading.py --repeats {args.repeats}`; "
+        f"torch threads 1; load average at the end {' '.join(load)}. Median (min–max) of {args.repeats} interleaved epochs.",
+        "",
+        "| pipeline | epoch | per sample |",
+        "| --- | --- | --- |",
+        f"| ours, in memory, cached neighbor lists (steady state) | {fmt(a)} | {statistics.median(a) / N_TRAIN * 1e6:.0f} µs |",
+        f"| ours, first epoch after setup (lists precomputed at setup in batched calls) | {cold:.3f} s | {cold / N_TRAIN * 1e6:.0f} µs |",
+        f"| ours, from SQLite each time, no cache (vesin) | {fmt(c)} | {statistics.median(c) / N_TRAIN * 1e6:.0f} µs |",
+    ]
+    if have_peer:
+        lines.append(
+            f"| SchNetPack {version} AtomsDataModule (MatScipy NL per sample) | {fmt(b)} | "
+            f"{statistics.median(b) / N_TRAIN * 1e6:.0f} µs |"
+        )
+        lines += ["", f"Speed-up of our steady-state epoch over SchNetPack: "
+                  f"{statistics.median(b) / statistics.median(a):.1f}x (median ratio). "
+                  f"Setup (open, validate, split, statistics): ours {setup_ours:.2f} s, SchNetPack {setup_peer:.2f} s."]
+    text = "\n".join(lines) + "\n"
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
