@@ -48,6 +48,7 @@ def _fail(err: Exception) -> None:
 def run(overrides: tuple[str, ...], config_file: str | None, config_dir: str | None, print_config: bool) -> None:
     """Run or restart a simulation (overrides: key=value, group=option, +group=option, ~key)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from spkmd.run import load_config, run_simulation
 
@@ -57,7 +58,7 @@ def run(overrides: tuple[str, ...], config_file: str | None, config_dir: str | N
             click.echo(OmegaConf.to_yaml(cfg, resolve=True))
             return
         run_simulation(cfg)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OmegaConfBaseException) as err:
         _fail(err)
 
 

@@ -38,6 +38,8 @@ CONFIG_NAME = "config"
 TOP_LEVEL_KEYS = {"calculator", "system", "dynamics", "callbacks", "simulation_dir", "device", "precision", "seed",
                   "overwrite", "num_threads", "plots"}
 SAVED_CONFIG = "config.yaml"
+_TOP_LEVEL_DEFAULTS = {"device": "cpu", "precision": 64, "seed": None, "overwrite": False, "num_threads": None,
+                       "plots": True, "callbacks": {}}
 
 
 def _default_groups(config_dir: Path) -> set[str]:
@@ -134,7 +136,11 @@ def load_config(
         p = Path(config_file)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        cfg = _apply_plain(OmegaConf.load(p), overrides)
+        loaded = OmegaConf.load(p)
+        for key, value in _TOP_LEVEL_DEFAULTS.items():  # short hand-written files
+            if key not in loaded:
+                loaded[key] = value
+        cfg = _apply_plain(loaded, overrides)
     else:
         d = _dir_from_overrides(overrides)
         saved = None if d is None else d / SAVED_CONFIG
@@ -152,9 +158,12 @@ def load_config(
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_keys(dict(cfg), TOP_LEVEL_KEYS, "config")
-    if OmegaConf.is_missing(cfg, "simulation_dir"):
+    check_keys({k: None for k in cfg.keys()}, TOP_LEVEL_KEYS, "config")
+    if "simulation_dir" not in cfg or OmegaConf.is_missing(cfg, "simulation_dir"):
         raise ConfigError("simulation_dir must be given (e.g. spkmd simulation_dir=runs/ethanol)")
+    for section in ("calculator", "system", "dynamics"):
+        if section not in cfg:
+            raise ConfigError(f"the config has no {section!r} section")
     if int(cfg.precision) not in (32, 64):
         raise ConfigError(f"precision must be 32 or 64, got {cfg.precision}")
 
@@ -223,8 +232,9 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
     return sim, restart
 
 
-def run_simulation(cfg: DictConfig, out=sys.stdout) -> Simulator:
+def run_simulation(cfg: DictConfig, out=None) -> Simulator:
     """Build (or restart) and run up to ``dynamics.n_steps``; write plots; return the simulator."""
+    out = out or sys.stdout
     sim, restart = build_simulation(cfg)
     n_total = int(cfg.dynamics.n_steps)
     sim_dir = Path(cfg.simulation_dir)
