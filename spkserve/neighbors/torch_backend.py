@@ -13,9 +13,13 @@ Algorithm (all systems at once, no Python loop over systems):
    S = image + wrap[i] - wrap[j], and keep |r_ij| < cutoff. Only half of the
    bin offsets are searched; their pairs are mirrored as (j, i, -S).
 
-Step 3 runs in chunks so that memory stays bounded for large systems. Data
-dependent sizes (``.item()``) cause graph breaks under ``torch.compile`` but
-the result is the same as in eager mode.
+Step 3 runs in chunks so that memory stays bounded for large systems.
+
+Under ``torch.compile`` the function runs eagerly (``torch.compiler.disable``):
+every size in it depends on the data (pair counts change at each rebuild), so
+tracing it would only add graph breaks and recompilations (tens of seconds)
+for no speed-up; the model around it is still compiled. Being plain torch, it
+runs on the device of the inputs (CPU, CUDA, ...).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def _segment_arange(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     return owner, rank
 
 
+@torch.compiler.disable
 def torch_neighbor_list(
     positions: torch.Tensor,
     cell: torch.Tensor,
