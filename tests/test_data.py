@@ -291,6 +291,16 @@ def test_offsets_are_fitted_on_train_split_only(ethanol_frames, tmp_path):
     assert e_val.double().mean().item() > shift - 0.5  # the shift was not seen by the fit
     raw_std = np.std([a.get_potential_energy() for a in ethanol_frames[:80]])
     assert e_train.double().std(unbiased=False).item() == pytest.approx(raw_std, rel=1e-3)
+    # get_offsets returns what the transform removed: here only a mean per atom
+    dm2 = AtomsDataModule(db, 10, 80, 20, 20, split_mode="blocks",
+                          transforms=[RemoveOffsets("energy", remove_atomrefs=False)])
+    dm2.setup()
+    ref2, mean2 = dm2.get_offsets("energy")
+    assert torch.all(ref2 == 0)
+    assert mean2 == pytest.approx(np.mean([a.get_potential_energy() / len(a) for a in ethanol_frames[:80]]), rel=1e-12)
+    assert dm2.get_offset_transform("energy").mean_per_atom == mean2
+    e2 = torch.cat([b[keys.energy] for b in dm2.train_dataloader()])
+    assert abs(e2.mean().item()) < 1e-9
 
 
 def test_offsets_least_squares_on_composition():

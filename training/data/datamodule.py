@@ -213,19 +213,41 @@ class AtomsDataModule(pl.LightningDataModule):
 
     # --- statistics ----------------------------------------------------------------
     def get_offsets(
-        self, property: str = keys.energy, remove_atomrefs: bool = True, remove_mean: bool = True,
-        is_extensive: bool = True,
+        self, property: str = keys.energy, remove_atomrefs: bool | None = None, remove_mean: bool | None = None,
+        is_extensive: bool | None = None,
     ) -> tuple[torch.Tensor, float]:
         """``(atomref [max_z+1] float64, mean_per_atom)`` of ``property`` fitted on the training split.
 
+        Without flags, the statistics of the training split's
+        :class:`RemoveOffsets` transform for ``property`` are returned (exactly
+        what was removed from the targets); with no such transform, or with
+        explicit flags, they are fitted with those flags (default all True).
         Uses the database's atomrefs if it has them for ``property``, else a
         least-squares fit on composition. Parts switched off are zeros.
         """
         self._require_setup()
-        ref, mean = self._fit(property, remove_atomrefs, remove_mean, is_extensive)
+        if remove_atomrefs is None and remove_mean is None and is_extensive is None:
+            t = self.get_offset_transform(property)
+            if t is not None:
+                ref = t.atomref if t.remove_atomrefs else None
+                mean = t.mean_per_atom if t.remove_mean else None
+                return self._pad_offsets(ref, mean)
+        flags = [True if f is None else f for f in (remove_atomrefs, remove_mean, is_extensive)]
+        return self._pad_offsets(*self._fit(property, *flags))
+
+    def _pad_offsets(self, ref, mean) -> tuple[torch.Tensor, float]:
         if ref is None:
             ref = torch.zeros(self._max_z + 1, dtype=torch.float64)
-        return ref, (0.0 if mean is None else mean)
+        return ref, (0.0 if mean is None else float(mean))
+
+    def get_offset_transform(self, property: str = keys.energy) -> RemoveOffsets | None:
+        """The fitted :class:`RemoveOffsets` of the training split for ``property`` (None if there is none);
+        ``AddOffsets.from_remove(t)`` is its inverse (e.g. for model outputs)."""
+        self._require_setup()
+        for t in self.train_dataset.transforms:
+            if isinstance(t, RemoveOffsets) and t.property == property:
+                return t
+        return None
 
     def get_stats(
         self, property: str, divide_by_atoms: bool = False, remove_offsets: bool = False
