@@ -139,7 +139,13 @@ def throughput(sock: Path, n_clients: int, n_requests: int, structure: Path, d: 
     return n_clients * n_requests / (spans[:, 1].max() - spans[:, 0].min())
 
 
-def overhead(kind: str, bundle: Path, sock: Path, n_calls: int, repeats: int) -> dict[str, float]:
+def _proc_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def overhead(kind: str, bundle: Path, sock: Path, n_calls: int, repeats: int, server_pid: int) -> dict[str, float]:
     import torch
 
     from ase.build import molecule
@@ -151,22 +157,28 @@ def overhead(kind: str, bundle: Path, sock: Path, n_calls: int, repeats: int) ->
     atoms = molecule("CH3CH2OH")
     runner = make_runner(kind, str(bundle))
     s = [Structure.from_atoms(atoms)]
-    local, remote = [], []
+    local, remote, local_cpu, remote_cpu = [], [], [], []
     with Client(unix=str(sock)) as c:
         for _ in range(10):
             runner.compute(s)
             c.compute(atoms)
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             for _ in range(n_calls):
                 runner.compute(s)
             local.append((time.perf_counter() - t) / n_calls)
-            t = time.perf_counter()
+            local_cpu.append((time.process_time() - cpu) / n_calls)
+            t, cpu, scpu = time.perf_counter(), time.process_time(), _proc_cpu_s(server_pid)
             for _ in range(n_calls):
                 c.compute(atoms)
             remote.append((time.perf_counter() - t) / n_calls)
+            remote_cpu.append((time.process_time() - cpu + _proc_cpu_s(server_pid) - scpu) / n_calls)
     diffs = [r - l for r, l in zip(remote, local)]
+    cpu_diffs = [r - l for r, l in zip(remote_cpu, local_cpu)]
     return {
+        "cpu_overhead_us": statistics.median(cpu_diffs) * 1e6,
+        "cpu_overhead_min_us": min(cpu_diffs) * 1e6,
+        "cpu_overhead_max_us": max(cpu_diffs) * 1e6,
         "in_process_ms": statistics.median(local) * 1e3,
         "remote_ms": statistics.median(remote) * 1e3,
         "overhead_us": statistics.median(diffs) * 1e6,
@@ -200,7 +212,7 @@ def main() -> None:
             sock = d / "o.sock"
             proc = start_server(kind, bundle, sock, batching=True)
             try:
-                ov = overhead(kind, bundle, sock, n_calls=50 if args.quick else 200, repeats=max(reps, 3))
+                ov = overhead(kind, bundle, sock, n_calls=50 if args.quick else 200, repeats=max(reps, 3), server_pid=proc.pid)
             finally:
                 stop_server(proc)
             over_rows.append((name, ov))
@@ -242,11 +254,16 @@ def main() -> None:
                 f"{statistics.median(on) / statistics.median(off):.2f}× |"
             )
     lines.append("\n## Per-call overhead for 9 atoms (one client, unix socket)\n")
-    lines.append("| model | in-process ms/call | via server ms/call | overhead µs (median [min–max]) |")
-    lines.append("| --- | --- | --- | --- |")
+    lines.append("Wall-clock overhead = median over repeats of (round trip − in-process call). CPU overhead = "
+                 "(client + server process CPU time per call) − (in-process CPU time per call): the work the "
+                 "socket path adds, less sensitive to other jobs on the machine than wall time.\n")
+    lines.append("| model | in-process ms/call | via server ms/call | wall overhead µs (median [min–max]) "
+                 "| CPU overhead µs (median [min–max]) |")
+    lines.append("| --- | --- | --- | --- | --- |")
     for name, ov in over_rows:
         lines.append(f"| {name} | {ov['in_process_ms']:.2f} | {ov['remote_ms']:.2f} | "
-                     f"{ov['overhead_us']:.0f} [{ov['overhead_min_us']:.0f}–{ov['overhead_max_us']:.0f}] |")
+                     f"{ov['overhead_us']:.0f} [{ov['overhead_min_us']:.0f}–{ov['overhead_max_us']:.0f}] | "
+                     f"{ov['cpu_overhead_us']:.0f} [{ov['cpu_overhead_min_us']:.0f}–{ov['cpu_overhead_max_us']:.0f}] |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -186,7 +186,7 @@ def test_unsupported_property_is_named():
     assert info.value.code == P.UNSUPPORTED_PROPERTY
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_never_escape_as_other_errors(body):
     try:
@@ -203,7 +203,7 @@ json_like = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     st.fixed_dictionaries(
         {"op": st.sampled_from(list(P.OPS) + ["x"])},
