@@ -348,3 +348,39 @@ def test_dataloader_with_worker_process(ethanol_db):
         seen += b[IDX].tolist()
         assert b[keys.R].dtype == torch.float32 and b[keys.idx_i].max() < b[keys.R].shape[0]
     assert sorted(seen) == sorted(dm.train_idx.tolist())
+
+
+def test_cutoff_problems_are_found_at_setup(tmp_path):
+    water = DATA / "xtb" / "water16_pbc_gfn1xtb_300K.extxyz"
+    frames = read(str(need(water)), index=":4")
+    frames[2].set_cell(np.diag([7.82, 7.82, 0.05]))  # degenerate along c, still periodic
+    db = from_ase_file_like(frames, tmp_path / "w.db")
+    for in_memory in (True, False):
+        dm = AtomsDataModule(db, 2, 2, 1, in_memory=in_memory, transforms=[NeighborList(5.0)])
+        with pytest.raises(AtomsDataError, match=r"row 2: cutoff 5.0 is larger than allowed"):
+            dm.setup()
+
+
+def from_ase_file_like(frames, path):
+    from training.data import from_atoms_list
+
+    return from_atoms_list(frames, path, "Ang", {"energy": "eV", "forces": "eV/Ang"}).path
+
+
+def test_reads_schnetpack_metadata_layout(tmp_path, ethanol_frames):
+    """SchNetPack 2 databases: ``_property_unit_dict`` metadata, values in row.data."""
+    from ase.db import connect
+
+    with connect(str(tmp_path / "spk.db")) as db:
+        for a in ethanol_frames[:3]:
+            plain = a.copy()
+            plain.calc = None
+            db.write(plain, data={"energy": np.array([a.get_potential_energy() / KCAL_MOL_IN_EV]),
+                                  "forces": a.get_forces() / KCAL_MOL_IN_EV})
+    connect(str(tmp_path / "spk.db")).metadata = {
+        "_property_unit_dict": {"energy": "kcal/mol", "forces": "kcal/mol/Ang"}, "_distance_unit": "Ang",
+        "atomrefs": {},
+    }
+    ds = ASEAtomsData(tmp_path / "spk.db", property_units={"energy": "eV", "forces": "eV/Ang"})
+    assert ds[2][keys.energy].item() == pytest.approx(ethanol_frames[2].get_potential_energy(), rel=1e-7)
+    np.testing.assert_allclose(ds[1][keys.forces].numpy(), ethanol_frames[1].get_forces(), rtol=1e-7)

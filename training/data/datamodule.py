@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from spkserve import keys
 
-from .atoms_db import ASEAtomsData, AtomsDataError, Transform
+from .atoms_db import IDX, ASEAtomsData, AtomsDataError, Transform
 from .collate import collate_atoms
 from .splits import load_split, make_split, save_split
 from .stats import fit_offsets, property_stats
-from .transforms import NeighborList, RemoveOffsets
+from .transforms import NeighborList, RemoveOffsets, check_cutoff
 
 
 class AtomsDataModule(pl.LightningDataModule):
@@ -164,7 +164,21 @@ class AtomsDataModule(pl.LightningDataModule):
         self.test_dataset = ds.subset(self.test_idx).with_transforms(lists["test"])
         if self.precompute_neighbors:
             self._precompute_neighbors()
+        else:
+            self._check_cutoffs()
         self._check_first_samples()
+
+    def _check_cutoffs(self) -> None:
+        """Refuse degenerate periodic cells for the largest NeighborList cutoff before training."""
+        cutoffs = [t.cutoff for d in (self.train_dataset, self.val_dataset, self.test_dataset)
+                   for t in d.transforms if isinstance(t, NeighborList)]
+        if not cutoffs:
+            return
+        cutoff = max(cutoffs)
+        for s in self.dataset.iter_raw():
+            pbc = s[keys.pbc].reshape(3).numpy()
+            if pbc.any():
+                check_cutoff(s[keys.cell].reshape(3, 3).numpy(), pbc, cutoff, f"{self.datapath.name} row {int(s[IDX][0])}")
 
     def _precompute_neighbors(self) -> None:
         """Fill the in-memory caches of every NeighborList with batched calls (static datasets)."""

@@ -174,7 +174,7 @@ class NeighborList(Transform):
         if self.backend == "vesin" and not bool(pbc.any()):
             return _vesin_molecule(sample[keys.R], self.cutoff)
         if bool(pbc.any()):
-            where = f"sample {int(sample[IDX][0])}" if IDX in sample else "sample"
+            where = f"dataset row {int(sample[IDX][0])}" if IDX in sample else "sample"
             check_cutoff(cell[0].detach().cpu().double().numpy(), pbc[0].cpu().numpy(), self.cutoff, where)
         n = sample[keys.n_atoms].reshape(1)
         return neighbor_list(sample[keys.R], cell, pbc, n, self.cutoff, self.backend)
@@ -206,7 +206,7 @@ class NeighborList(Transform):
         for s in chunk:
             if bool(s[keys.pbc].any()):
                 check_cutoff(s[keys.cell].reshape(3, 3).double().numpy(), s[keys.pbc].reshape(3).numpy(),
-                              self.cutoff, f"sample {int(s[IDX][0])}")
+                              self.cutoff, f"dataset row {int(s[IDX][0])}")
         n = torch.cat([s[keys.n_atoms] for s in chunk])  # [S]
         R = torch.cat([s[keys.R] for s in chunk]).double()
         cell = torch.cat([s[keys.cell].reshape(1, 3, 3) for s in chunk]).double()
