@@ -219,11 +219,40 @@ class RMD17(ReferenceDataset):
         "salicylic", "toluene", "uracil",
     )
 
-    def __init__(self, datapath, molecule: str, batch_size: int, num_train, num_val, num_test=None, **kwargs):
+    def __init__(self, datapath, molecule: str, batch_size: int, num_train, num_val, num_test=None, *,
+                 split_index: int | None = None, **kwargs):
         if molecule not in self.molecules:
             raise ValueError(f"unknown rMD17 molecule {molecule!r}; choose from {list(self.molecules)}")
+        if split_index is not None and split_index not in range(1, 6):
+            raise ValueError(f"rMD17 has official splits 1..5, got split_index={split_index!r}")
         self.molecule = molecule
+        self.split_index = split_index
         super().__init__(datapath, batch_size, num_train, num_val, num_test, **kwargs)
+        if split_index is not None and self.split_file is None:
+            self.split_file = self.datapath.with_name(f"{self.datapath.stem}_split{split_index:02d}.npz")
+
+    def prepare_data(self) -> None:
+        """Build the database; with ``split_index`` also the split file from the official index files
+        (train and val drawn from the official 1000 training indices, test = the official test indices)."""
+        super().prepare_data()
+        if self.split_index is None or self.split_file.exists():
+            return
+        archive = self.raw_path(self.archive)
+        ids = {}
+        for part in ("train", "test"):
+            name = f"index_{part}_{self.split_index:02d}.csv"
+            f = _extract_member(archive, f"rmd17/splits/{name}", self.raw_dir / f"rmd17_{name}")
+            ids[part] = np.loadtxt(f, dtype=np.int64, ndmin=1)
+        from .splits import resolve_count, save_split
+
+        n_off = len(ids["train"])
+        n_train = resolve_count(self.num_train, n_off, "num_train", n_off)
+        n_val = resolve_count(self.num_val, n_off, "num_val", n_off - n_train)
+        perm = np.random.default_rng(self.seed).permutation(ids["train"])
+        test = ids["test"]
+        if self.num_test is not None:
+            test = test[: resolve_count(self.num_test, len(test), "num_test", len(test))]
+        save_split(self.split_file, (np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val]), test))
 
     def raw_files(self) -> dict[str, str]:
         return {self.archive: self.url}
