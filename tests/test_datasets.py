@@ -149,9 +149,14 @@ def test_rmd17_archive(tmp_path):
         forces=np.stack([r.data["forces"] for r in rows]),
         old_indices=np.arange(len(rows)),
     )
+    # official split files: one 0-based frame index per line
+    np.savetxt(tmp_path / "index_train_01.csv", np.arange(3, 15), fmt="%d")
+    np.savetxt(tmp_path / "index_test_01.csv", np.array([0, 1, 2, 15, 16, 17, 18, 19]), fmt="%d")
     archive = tmp_path / "rmd17.tar.bz2"
     with tarfile.open(archive, "w:bz2") as tar:
         tar.add(raw, arcname="rmd17/npz_data/rmd17_ethanol.npz")
+        for name in ("index_train_01.csv", "index_test_01.csv"):
+            tar.add(tmp_path / name, arcname=f"rmd17/splits/{name}")
     net = FakeNet({RMD17.url: archive})
     dm = RMD17(tmp_path / "rmd17_ethanol.db", "ethanol", 4, 10, 5, fetch=net,
                property_units={"energy": "eV", "forces": "eV/Ang"})
@@ -159,6 +164,14 @@ def test_rmd17_archive(tmp_path):
     ref = read(str(need(ETHANOL_EV)), index=":")
     for i in (0, 19):
         assert dm.dataset[i][keys.energy].item() == pytest.approx(ref[i].get_potential_energy(), rel=1e-6)
+    official = RMD17(tmp_path / "rmd17_ethanol.db", "ethanol", 4, 8, 4, split_index=1, fetch=net)
+    official.setup()
+    assert official.split_file.exists() and len(net.requests) == 1  # archive reused from raw/
+    assert set(official.train_idx) | set(official.val_idx) <= set(range(3, 15))
+    assert (len(official.train_idx), len(official.val_idx)) == (8, 4)
+    assert official.test_idx.tolist() == [0, 1, 2, 15, 16, 17, 18, 19]
+    with pytest.raises(ValueError, match="official splits 1..5"):
+        RMD17(tmp_path / "r.db", "ethanol", 4, 8, 4, split_index=6)
     missing = RMD17(tmp_path / "rmd17_toluene.db", "toluene", 4, 10, 5, raw_dir=tmp_path / "raw")
     with pytest.raises(AtomsDataError, match="rmd17_toluene.npz"):
         missing.prepare_data()
