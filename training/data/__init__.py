@@ -31,12 +31,18 @@ Importers (:mod:`.importers`; units of the FILE are stated by the user, stored a
 
 Reference datasets (:mod:`.datasets`; AtomsDataModule subclasses; ``prepare_data()`` downloads and converts)::
 
-    MD17(datapath, molecule, ...), RMD17(datapath, molecule, ...), MD22(datapath, molecule, ...),
-    QM9(datapath, ...), ISO17(datapath, fold="reference", ...)
+    MD17(datapath, molecule, batch_size, num_train, num_val, num_test=None, *, raw_dir=None, download=True,
+         fetch=None, **AtomsDataModule_kwargs)                 # kcal/mol, kcal/mol/Ang as published
+    RMD17(datapath, molecule, ..., split_index=None)           # split_index 1..5: official splits
+    MD22(datapath, molecule, ...)
+    QM9(datapath, batch_size, ..., remove_uncharacterized=True)  # Hartree etc., atomrefs in metadata
+    ISO17(datapath, batch_size, ..., fold="reference")         # eV, eV/Ang
+    (property names of QM9: QM9.U0 = "energy_U0", QM9.homo, ... see QM9.PROPERTIES)
 
 Transforms (:mod:`.transforms`; ``sample -> new sample``, never modify the input)::
 
     NeighborList(cutoff, backend="vesin", cache_dir=None, cache_in_memory=True, fingerprint=None)
+        .precompute(samples) fills the memory cache with batched calls (the data module does this at setup)
     RemoveOffsets(property="energy", remove_mean=True, remove_atomrefs=True, is_extensive=True,
                   atomref=None, mean_per_atom=None)   # fitted on the train split by AtomsDataModule
     AddOffsets(...same...), AddOffsets.from_remove(remove)   # inverse; also works on batches
@@ -53,9 +59,11 @@ Data module (:mod:`.datamodule`)::
                     split_mode="random"|"blocks", transforms=(), train_transforms=None, val_transforms=None,
                     test_transforms=None, property_units=None, distance_unit=None, num_workers=0,
                     pin_memory=False, seed=0, val_batch_size=None, *, load_properties=None, split_gap=0,
-                    in_memory=True, validate=True, test_batch_size=None)
+                    in_memory=True, validate=True, test_batch_size=None, precompute_neighbors=None)
         .setup() -> .train_dataset/.val_dataset/.test_dataset, .train_idx/.val_idx/.test_idx
-        .get_offsets("energy") -> (atomref Tensor[max_z+1] float64, mean_per_atom float)   # train split
+        .get_offsets("energy") -> (atomref Tensor[max_z+1] float64, mean_per_atom float)   # train split;
+                                  exactly what the RemoveOffsets transform removes (zeros for parts switched off)
+        .get_offset_transform("energy") -> fitted RemoveOffsets | None  (AddOffsets.from_remove(t) inverts it)
         .get_stats(property, divide_by_atoms=False, remove_offsets=False) -> (mean, std) tensors
         .fingerprint (sha256 of db bytes + split), .max_z, .dataset (the full ASEAtomsData)
         .train_dataloader() / .val_dataloader() / .test_dataloader()   (collate_atoms)

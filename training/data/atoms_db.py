@@ -38,6 +38,9 @@ IDX = "_idx"
 #: properties that are given per atom unless a database says otherwise
 DEFAULT_PER_ATOM = frozenset(keys.PER_ATOM_OUTPUTS)
 
+#: per-system properties that are one number per system (stored and returned as [1])
+SCALAR_PROPERTIES = frozenset({keys.energy, keys.energy_uncertainty, keys.total_charge})
+
 #: ASE calculator result names that differ from our keys
 _ASE_RESULT_NAMES = {keys.dipole_moment: "dipole", keys.energy: "energy", keys.forces: "forces", keys.stress: "stress"}
 
@@ -77,8 +80,10 @@ def normalize_property(
     else:
         if arr.ndim >= 1 and arr.shape[0] == 1:
             arr = arr[0]
-        if name == keys.energy and arr.size != 1:
-            raise AtomsDataError(f"{where}: property 'energy' must be one number per system, got shape {arr.shape}")
+        if name in SCALAR_PROPERTIES:
+            if arr.size != 1:
+                raise AtomsDataError(f"{where}: property {name!r} must be one number per system, got shape {arr.shape}")
+            arr = arr.reshape(())
         if name == keys.stress and arr.shape != (3, 3):
             raise AtomsDataError(f"{where}: property 'stress' must be 3x3 or Voigt (6,), got shape {arr.shape}")
         if name == keys.dipole_moment and arr.shape != (3,):
@@ -479,6 +484,8 @@ class ASEAtomsData(torch.utils.data.Dataset):
             else:
                 if p == keys.stress and arr.shape == (6,):
                     arr = _voigt_to_matrix(arr)
+                if p in SCALAR_PROPERTIES and arr.size == 1:
+                    arr = arr.reshape(())
                 if arr.ndim >= 1 and arr.shape[0] == 1:
                     arr = arr[0]
                 arr = arr.reshape((1,) + arr.shape)
