@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from spkserve import keys
-from spkserve.neighbors._cells import NeighborListError, check_inputs, complete_cell, raise_if_singular
+from spkserve.neighbors._cells import NeighborListError, check_inputs, complete_cell_numpy
 from spkserve.neighbors._numpy_backends import MERGE_MAX_ATOMS, SINGLE_BACKENDS, merged_non_periodic
 from spkserve.neighbors.torch_backend import torch_neighbor_list
 
@@ -60,11 +60,9 @@ def _numpy_neighbor_list(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     single = SINGLE_BACKENDS[backend]
-    completed, singular = complete_cell(cell.detach().cpu().double(), pbc.cpu())
-    raise_if_singular(singular, cell)
-    R = positions.detach().cpu().double().numpy()
-    C = completed.numpy()
     P = pbc.cpu().numpy()
+    C = complete_cell_numpy(cell.detach().cpu().double().numpy(), P)
+    R = positions.detach().cpu().double().numpy()
     counts = n_atoms.cpu().numpy()
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     periodic = P.any(axis=1)
@@ -80,7 +78,7 @@ def _numpy_neighbor_list(
         i, j = merged_non_periodic(R, starts[mergeable], counts[mergeable], cutoff, single)
         ii.append(i)
         jj.append(j)
-        ss.append(np.zeros((len(i), 3), dtype=np.int64))
+        ss.append(np.zeros((len(i), 3), dtype=np.int32))
         mergeable_done = mergeable
     else:
         mergeable_done = np.zeros_like(mergeable)
@@ -91,15 +89,17 @@ def _numpy_neighbor_list(
         jj.append(j + a)
         ss.append(S)
     if not ii:
-        return _to_torch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64), dev, dtype)
+        return _to_torch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int32), dev, dtype)
     return _to_torch(np.concatenate(ii), np.concatenate(jj), np.concatenate(ss), dev, dtype)
 
 
 def _to_torch(i: np.ndarray, j: np.ndarray, S: np.ndarray, device: torch.device, dtype: torch.dtype):
+    """int64 indices and float shifts as torch tensors, one conversion pass each."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if dtype in (torch.float32, torch.float64) else np.float64
     return (
-        torch.from_numpy(np.ascontiguousarray(i)).to(device),
-        torch.from_numpy(np.ascontiguousarray(j)).to(device),
-        torch.from_numpy(S).to(device=device, dtype=dtype),
+        torch.from_numpy(np.ascontiguousarray(i, dtype=np.int64)).to(device),
+        torch.from_numpy(np.ascontiguousarray(j, dtype=np.int64)).to(device),
+        torch.from_numpy(np.ascontiguousarray(S, dtype=np_dtype)).to(device=device, dtype=dtype),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 #: a periodic cell vector whose component orthogonal to the other periodic
@@ -37,27 +38,33 @@ def check_inputs(
         raise NeighborListError(f"positions must be floating point, got {positions.dtype}")
     if not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff <= 0:
         raise NeighborListError(f"cutoff must be a positive finite number (Å or the batch length unit), got {cutoff!r}")
-    n_atoms = torch.as_tensor(n_atoms, device=positions.device).reshape(-1).to(torch.int64)
+    if not isinstance(n_atoms, torch.Tensor):
+        n_atoms = torch.as_tensor(n_atoms)
+    n_atoms = n_atoms.reshape(-1).to(device=positions.device, dtype=torch.int64)
     n_sys = n_atoms.shape[0]
-    cell = torch.as_tensor(cell, device=positions.device)
+    if not isinstance(cell, torch.Tensor):
+        cell = torch.as_tensor(cell)
     if cell.ndim == 2 and n_sys == 1:
         cell = cell.unsqueeze(0)
     if cell.shape != (n_sys, 3, 3):
         raise NeighborListError(f"cell must have shape [S, 3, 3] with S={n_sys} systems, got {tuple(cell.shape)}")
-    pbc = torch.as_tensor(pbc, device=positions.device)
+    if not isinstance(pbc, torch.Tensor):
+        pbc = torch.as_tensor(pbc)
     if pbc.ndim == 1 and n_sys == 1:
         pbc = pbc.unsqueeze(0)
     if pbc.shape != (n_sys, 3):
         raise NeighborListError(f"pbc must have shape [S, 3] with S={n_sys} systems, got {tuple(pbc.shape)}")
     if n_sys == 0:
         raise NeighborListError("n_atoms is empty: a batch needs at least one system")
-    if bool((n_atoms < 0).any()):
-        raise NeighborListError(f"n_atoms must be non-negative, got {n_atoms.tolist()}")
-    total = int(n_atoms.sum())
-    if total != positions.shape[0]:
-        raise NeighborListError(
-            f"n_atoms sums to {total} but positions has {positions.shape[0]} rows"
-        )
+    counts = n_atoms.tolist()
+    if min(counts) < 0:
+        raise NeighborListError(f"n_atoms must be non-negative, got {counts}")
+    if sum(counts) != positions.shape[0]:
+        raise NeighborListError(f"n_atoms sums to {sum(counts)} but positions has {positions.shape[0]} rows")
+    if cell.device != positions.device:
+        cell = cell.to(positions.device)
+    if pbc.device != positions.device:
+        pbc = pbc.to(positions.device)
     return cell.to(positions.dtype), pbc.to(torch.bool), n_atoms
 
 
@@ -106,3 +113,42 @@ def raise_if_singular(singular: torch.Tensor, cell: torch.Tensor) -> None:
             f"system {s}: periodic direction {k} has a zero or linearly dependent cell vector "
             f"{cell[s, k].tolist()} (cell {cell[s].tolist()}); give a proper cell or set pbc[{k}] = False"
         )
+
+
+def complete_cell_numpy(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """:func:`complete_cell` for float64 numpy cells [S, 3, 3], raising on singular periodic cells.
+
+    Fast paths for fully periodic and fully non-periodic systems (the common
+    cases) keep the per-call overhead of the compiled backends small; mixed or
+    suspicious cells go through the torch routine.
+    """
+    if cell.shape[0] == 1:  # single system: plain-float checks, no array bookkeeping
+        flags = pbc[0].tolist()
+        if not any(flags):
+            return np.eye(3)[None]
+        if all(flags):
+            (a0, a1, a2), (b0, b1, b2), (c0, c1, c2) = cell[0].tolist()
+            det = a0 * (b1 * c2 - b2 * c1) - a1 * (b0 * c2 - b2 * c0) + a2 * (b0 * c1 - b1 * c0)
+            norms = math.sqrt((a0 * a0 + a1 * a1 + a2 * a2) * (b0 * b0 + b1 * b1 + b2 * b2) * (c0 * c0 + c1 * c1 + c2 * c2))
+            if abs(det) >= 1e-4 * norms and norms > 0:
+                return cell
+    completed = cell.copy()
+    all_p = pbc.all(axis=1)
+    no_p = ~pbc.any(axis=1)
+    completed[no_p] = np.eye(3)
+    slow = ~all_p & ~no_p
+    if all_p.any():
+        c = cell[all_p]
+        ratio = np.abs(np.linalg.det(c)) / np.maximum(np.linalg.norm(c, axis=2).prod(axis=1), 1e-300)
+        suspicious = np.zeros_like(all_p)
+        suspicious[all_p] = ratio < 1e-4  # the exact test below flags only ratios < 1e-6
+        slow |= suspicious
+    if slow.any():
+        sub = torch.from_numpy(cell[slow])
+        done, singular = complete_cell(sub, torch.from_numpy(pbc[slow]))
+        if bool(singular.any()):
+            full = torch.zeros(cell.shape[0], 3, dtype=torch.bool)
+            full[torch.from_numpy(slow)] = singular
+            raise_if_singular(full, torch.from_numpy(cell))
+        completed[slow] = done.numpy()
+    return completed

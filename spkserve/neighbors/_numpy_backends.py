@@ -2,8 +2,9 @@
 
 Each function takes one system in float64 numpy: ``positions`` [n, 3],
 ``cell`` [3, 3] already *completed* (invertible, see :mod:`._cells`), ``pbc``
-[3] bool, and returns ``(i [P] int64, j [P] int64, shifts [P, 3] int64)``,
-a full list with r_ij = R[j] - R[i] + shifts @ cell.
+[3] bool, and returns ``(i [P] int64, j [P] int64, shifts [P, 3] integer)``,
+a full list with r_ij = R[j] - R[i] + shifts @ cell (shifts may be any
+integer dtype; the caller converts them once to the positions dtype).
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ def vesin_single(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutof
     nl = NeighborList(cutoff=cutoff, full_list=True)
     if pbc.any():
         positions, cell = _box_for_non_periodic(positions, cell, pbc, cutoff)
-        P, S = nl.compute(points=positions, box=cell, periodic=pbc, quantities="PS", copy=False)
-        S = S.astype(np.int64)
+        i, j, S = nl.compute(points=positions, box=cell, periodic=pbc, quantities="ijS", copy=False)
     else:
-        (P,) = nl.compute(points=positions, box=np.zeros((3, 3)), periodic=False, quantities="P", copy=False)
-        S = None
-    P = P.astype(np.int64)  # one copy out of vesin's buffer (size_t -> int64)
-    if S is None:
-        S = np.zeros((len(P), 3), dtype=np.int64)
-    return P[:, 0], P[:, 1], S
+        i, j = nl.compute(points=positions, box=np.zeros((3, 3)), periodic=False, quantities="ij", copy=False)
+        S = np.zeros((len(i), 3), dtype=np.int32)
+    # one copy out of vesin's buffers (size_t -> int64; int32 shifts are converted later)
+    return i.astype(np.int64), j.astype(np.int64), S.copy()
 
 
 def _box_for_non_periodic(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
@@ -54,7 +52,7 @@ def matscipy_single(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cu
 
     positions, cell = _box_for_non_periodic(positions, cell, pbc, cutoff)
     i, j, S = neighbour_list("ijS", positions=positions, cell=cell, pbc=pbc, cutoff=float(cutoff))
-    return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
+    return i.astype(np.int64), j.astype(np.int64), S
 
 
 def ase_single(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
@@ -64,7 +62,7 @@ def ase_single(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff:
     i, j, S = primitive_neighbor_list(
         "ijS", pbc, cell, positions, float(cutoff), self_interaction=False, use_scaled_positions=False
     )
-    return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
+    return i.astype(np.int64), j.astype(np.int64), S
 
 
 SINGLE_BACKENDS: dict[str, Single] = {
