@@ -167,6 +167,7 @@ class ModelServer:
         self._closing = False
         self._address: Any = None
         self._batcher: DynamicBatcher | None = None
+        self._owns_runner = False  # from_bundle: the server closes the runner it made
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -194,7 +195,9 @@ class ModelServer:
             "dtype": str(runner.dtype).replace("torch.", ""),
             "device": str(runner.device),
         }
-        return cls(runner, info, config)
+        server = cls(runner, info, config)
+        server._owns_runner = True
+        return server
 
     # ------------------------------------------------------------------ public API
     @property
@@ -340,6 +343,8 @@ class ModelServer:
             await asyncio.wait_for(server.wait_closed(), timeout=5)
         except asyncio.TimeoutError:
             pass
+        if self._owns_runner:
+            self.runner.close()
 
     @staticmethod
     def _stop_reading(conn: _Connection) -> None:
