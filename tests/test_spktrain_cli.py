@@ -123,3 +123,25 @@ def test_train_export_eval_round_trip(tmp_path, monkeypatch):
     assert last["epoch"] == 2
     res = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "x.bundle")])
     assert res.exit_code != 0 and "config.yaml" in res.output
+
+
+@pytest.mark.parametrize("rep", ["schnet", "painn", "so3net", "field_schnet"])
+def test_every_representation_config_builds_a_model(rep):
+    from training.config import compose_config, resolve
+    from training.run import build_model
+
+    cfg = resolve(compose_config(["experiment=md17", "data.datapath=x.db", f"model/representation={rep}",
+                                  "model.params.representation.params.n_atom_basis=8", "globals.cutoff=4.0"]))
+    model = build_model(cfg)
+    assert model.architecture_spec["params"]["representation"]["name"] == rep
+    assert model.cutoff == pytest.approx(4.0)
+
+
+def test_qm9_experiment_builds_energy_and_dipole_heads():
+    from training.config import compose_config, resolve
+    from training.run import build_model
+
+    cfg = resolve(compose_config(["experiment=qm9", "data.datapath=x.db",
+                                  "model.params.representation.params.n_atom_basis=8"]))
+    model = build_model(cfg)
+    assert "dipole_moment" in model.extra_outputs
