@@ -240,3 +240,32 @@ def test_scale_property(ethanol):
     torch.testing.assert_close(out[keys.forces], 0.5 * s[keys.forces])
     with pytest.raises(KeyError, match="stress"):
         ScaleProperty("stress", 2.0)(s)
+
+
+def test_datamodule_precomputes_and_stores_lists_by_database_fingerprint(tmp_path, ethanol, monkeypatch):
+    pytest.importorskip("pytorch_lightning", reason="pytorch-lightning (training extra) is not installed")
+    from ase.io import read as ase_read
+
+    from training.data import AtomsDataModule, from_atoms_list
+
+    frames = ase_read(str(need(ETHANOL)), index=":30")
+    db = from_atoms_list(frames, tmp_path / "e.db", "Ang", {"energy": "eV", "forces": "eV/Ang"})
+    cache = tmp_path / "nbl"
+    dm = AtomsDataModule(db.path, 5, 20, 5, 5, transforms=[NeighborList(4.0, cache_dir=cache)])
+    dm.setup()
+    (folder,) = cache.iterdir()
+    assert folder.name.endswith(db.fingerprint[:16])
+    assert len(list(folder.glob("*.npz"))) == 30
+    calls = []
+    monkeypatch.setattr(NeighborList, "_precompute_chunk", lambda self, chunk: calls.append(len(chunk)))
+    monkeypatch.setattr(NeighborList, "compute", lambda self, s: calls.append(1))
+    other_split = AtomsDataModule(db.path, 5, 10, 10, 10, seed=7, transforms=[NeighborList(4.0, cache_dir=cache)])
+    other_split.setup()  # served from disk: nothing computed
+    assert calls == []
+    batch = next(iter(other_split.train_dataloader()))  # still nothing computed while loading
+    assert calls == [] and batch[keys.idx_i].shape[0] > 0
+    monkeypatch.undo()
+    s0 = other_split.train_dataset.get_raw(0)
+    want = NeighborList(4.0)(s0)
+    got = other_split.train_dataset[0]
+    assert torch.equal(got[keys.idx_i], want[keys.idx_i]) and torch.equal(got[keys.idx_j], want[keys.idx_j])

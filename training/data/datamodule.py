@@ -147,7 +147,7 @@ class AtomsDataModule(pl.LightningDataModule):
         self.train_idx, self.val_idx, self.test_idx = split
         self._max_z = max(int(s[keys.Z].max()) for s in ds.iter_raw())
         train_raw = ds.subset(self.train_idx)
-        fp = self.fingerprint
+        fp = ds.fingerprint  # neighbor-list disk caches are keyed by the database content, not the split
         built: dict[int, Transform] = {}  # one fitted copy per original transform object
 
         def prepare(ts: Sequence[Transform]) -> list[Transform]:

@@ -194,6 +194,12 @@ class NeighborList(Transform):
         for s in samples:
             if IDX not in s:
                 raise KeyError("precompute() needs samples with '_idx' (as ASEAtomsData returns them)")
+            if self.cache_dir is not None:  # lists stored by an earlier run
+                h = _content_hash(s)
+                hit = self._load(int(s[IDX][0]), h)
+                if hit is not None:
+                    self._memory[int(s[IDX][0])] = (h, *hit)
+                    continue
             chunk.append(s)
             if len(chunk) == chunk_size:
                 done += self._precompute_chunk(chunk)
@@ -222,7 +228,10 @@ class NeighborList(Transform):
         for k, s in enumerate(chunk):
             a, b = bounds[k], bounds[k + 1]
             off = int(starts[k])
-            self._memory[int(s[IDX][0])] = (_content_hash(s), i[a:b] - off, j[a:b] - off, S[a:b].clone())
+            entry = (_content_hash(s), i[a:b] - off, j[a:b] - off, S[a:b].clone())
+            self._memory[int(s[IDX][0])] = entry
+            if self.cache_dir is not None:
+                self._store(int(s[IDX][0]), entry[0], entry[1:])
         return len(chunk)
 
     def __call__(self, sample: Sample) -> Sample:
