@@ -384,3 +384,18 @@ def test_reads_schnetpack_metadata_layout(tmp_path, ethanol_frames):
     ds = ASEAtomsData(tmp_path / "spk.db", property_units={"energy": "eV", "forces": "eV/Ang"})
     assert ds[2][keys.energy].item() == pytest.approx(ethanol_frames[2].get_potential_energy(), rel=1e-7)
     np.testing.assert_allclose(ds[1][keys.forces].numpy(), ethanol_frames[1].get_forces(), rtol=1e-7)
+
+
+def test_trajectory_import(tmp_path, ethanol_frames):
+    from ase.io import Trajectory
+
+    from training.data import from_trajectory
+
+    with Trajectory(str(tmp_path / "md.traj"), "w") as traj:
+        for a in ethanol_frames[:5]:
+            traj.write(a)
+    ds = from_trajectory(tmp_path / "md.traj", tmp_path / "md.db", energy_unit="eV")
+    assert ds.db_property_units == {"energy": "eV", "forces": "eV/Ang"}
+    for i in range(5):
+        assert ds[i][keys.energy].item() == ethanol_frames[i].get_potential_energy()
+        np.testing.assert_array_equal(ds[i][keys.forces].numpy(), ethanol_frames[i].get_forces())
