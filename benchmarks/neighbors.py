@@ -24,6 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+if "--threads" in sys.argv:  # before numpy/torch/vesin start their thread pools
+    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import torch
 
@@ -134,29 +139,28 @@ CANDIDATES = {
 
 
 def interleaved(fns: dict, repeats: int, budget_s: float, min_sample_s: float = 0.02) -> dict:
-    """Median/min/max ms per call; each sample averages enough calls to last ``min_sample_s``."""
-    inner, samples, notes = {}, {k: [] for k in fns}, {}
-    active = dict(fns)
-    for name, fn in fns.items():  # warm-up and calibration
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
+    """Median/min/max ms per call, candidates interleaved (A B C A B C ...) after one warm-up call each.
+
+    Each sample averages enough calls to last ``min_sample_s``. A candidate whose
+    warm-up call exceeds half of ``budget_s`` is skipped; one that would exceed
+    the budget over all repeats gets fewer repeats (noted).
+    """
+    inner, rounds, notes = {}, {}, {}
+    for name, fn in fns.items():
+        dt = _first(fn)
+        if dt > budget_s / 2:
+            notes[name] = f"skipped: one call took {dt:.1f} s (budget {budget_s:.0f} s per size)"
+            continue
         inner[name] = max(1, int(min_sample_s / max(dt, 1e-7)))
-        if dt * repeats > budget_s:
-            if dt * 2 > budget_s:
-                notes[name] = f"skipped: one call took {dt:.1f} s (budget {budget_s:.0f} s)"
-                del active[name]
-            else:
-                notes[name] = f"{max(2, int(budget_s / dt))} repeats (budget {budget_s:.0f} s)"
-    rounds = {k: (int(budget_s / (time.perf_counter() and 1)) if False else repeats) for k in active}
-    for name, note in notes.items():
-        if name in active and "repeats" in note:
-            rounds[name] = max(2, int(budget_s / max(1e-9, _first(fns[name]))))
+        rounds[name] = min(repeats, max(2, int(budget_s / (dt * inner[name]))))
+        if rounds[name] < repeats:
+            notes[name] = f"{rounds[name]} repeats only (time budget {budget_s:.0f} s per size)"
+    samples = {k: [] for k in fns}
     for r in range(max(rounds.values(), default=0)):
-        for name, fn in active.items():
+        for name in rounds:
             if r >= rounds[name]:
                 continue
-            k = inner[name]
+            fn, k = fns[name], inner[name]
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
@@ -204,12 +208,14 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per candidate and size")
     ap.add_argument("--memory-child", nargs=2, metavar=("CANDIDATE", "N_MOLECULES"), help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch and OpenMP (vesin) threads; default 1")
     a = ap.parse_args()
     if a.memory_child:
+        torch.set_num_threads(a.threads)
         memory_child(a.memory_child[0], int(a.memory_child[1]))
         return
 
-    torch.set_num_threads(int(os.environ.get("SPK_BENCH_THREADS", "2")))
+    torch.set_num_threads(a.threads)
     sizes = SIZES[:2] if a.quick else SIZES
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows = []
@@ -237,10 +243,13 @@ def main() -> None:
     if not a.quick:
         n_mol = SIZES[-1]
         for name in CANDIDATES:
-            if name == "ase (raw loop)" and rows[len(SIZES) - 1][2][name]["median_ms"] is None:
+            if rows[len(SIZES) - 1][2][name]["median_ms"] is None:
+                memory[name] = {"error": "skipped (too slow at this size, see notes)"}
                 continue
             proc = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, str(n_mol)], capture_output=True, text=True
+                [sys.executable, __file__, "--memory-child", name, str(n_mol), "--threads", str(a.threads)],
+                capture_output=True,
+                text=True,
             )
             try:
                 memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -252,9 +261,10 @@ def main() -> None:
     lines = [
         "# Neighbor lists: time per call (ms, median and min–max)",
         "",
-        f"Command: `.venv/bin/python benchmarks/neighbors.py{' --quick' if a.quick else ''}`  ",
-        f"Cutoff {CUTOFF_ANGSTROM} Å, full list with shifts, float64, torch threads "
-        f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+        f"Command: `.venv/bin/python benchmarks/neighbors.py{' --quick' if a.quick else ''}"
+        f"{f' --threads {a.threads}' if a.threads != 1 else ''}`  ",
+        f"Cutoff {CUTOFF_ANGSTROM} Å, full list with shifts, float64, {a.threads} thread(s) for torch and vesin "
+        f"(matscipy and ASE are single-threaded), {platform.processor() or platform.machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.  ",
         f"/proc/loadavg before: {' '.join(load_before)}, after: {' '.join(load_after)} (2 shared cores: ratios matter, not absolutes).",
         "",

@@ -170,6 +170,20 @@ def test_zero_and_mixed_cells(backend: str, cell, pbc) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_atoms_far_outside_the_cell_in_non_periodic_directions(backend: str) -> None:
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.diag([6.0, 5.0, 0.0]), [True, True, False], [0.0, 0.0, 300.0]),
+        (np.array([[4.0, 0, 0], [0, 0, 0], [0, 0, 0]]), [True, False, False], [0.0, -500.0, 800.0]),
+        (np.diag([6.0, 5.0, 4.0]), [True, False, True], [0.0, 1e4, 0.0]),
+    ]
+    for cell, pbc, offset in cases:
+        pos = rng.uniform(0.0, 8.0, (30, 3)) + np.array(offset)
+        pbc = np.array(pbc)
+        assert_same_pairs(ours(pos, cell[None], pbc[None], [30], 3.5, backend), reference(pos, cell, pbc, 3.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_and_empty_systems(backend: str) -> None:
     pos, cell, pbc = _water16()
     counts = [0, len(pos), 0]
