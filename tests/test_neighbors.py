@@ -214,6 +214,15 @@ def test_many_small_molecules_batched() -> None:
         assert_same_pairs(got, want)
 
 
+@pytest.mark.parametrize("n_atoms", [30, 150])  # torch backend: all-pairs path / cell-list path
+def test_non_periodic_clusters(n_atoms: int) -> None:
+    rng = np.random.default_rng(n_atoms)
+    pos = rng.uniform(-6.0, 6.0, (n_atoms, 3))
+    want = reference(pos, np.zeros((3, 3)), np.zeros(3, bool), 3.0)
+    for backend in BACKENDS:
+        assert_same_pairs(ours(pos, np.zeros((1, 3, 3)), np.zeros((1, 3), bool), [n_atoms], 3.0, backend), want)
+
+
 def test_add_neighbor_pairs_fills_batch() -> None:
     pos, cell, pbc = _water16()
     batch = collate([Structure(np.full(len(pos), 8), pos, cell, pbc), Structure([1, 1], [[0, 0, 0], [0, 0, 0.8]], np.zeros((3, 3)), [False] * 3)])

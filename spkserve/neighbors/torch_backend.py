@@ -32,6 +32,8 @@ from spkserve.neighbors._cells import complete_cell, raise_if_singular
 CHUNK_PAIRS = 1 << 22
 #: bins are made this much wider than the cutoff so that rounding never loses a pair
 _BIN_MARGIN = 1e-5
+#: non-periodic batches whose largest system has at most this many atoms use all pairs
+BRUTE_FORCE_MAX_ATOMS = 64
 #: bins per cutoff length: 2 halves the candidate pairs of 1 (27 -> 15.6 cutoff^3 searched)
 BINS_PER_CUTOFF = 2
 
@@ -45,6 +47,24 @@ def _segment_arange(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=total)
     rank = torch.arange(total, device=counts.device) - _exclusive_cumsum(counts)[owner]
     return owner, rank
+
+
+def _all_pairs_molecules(
+    positions: torch.Tensor, n_atoms: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-periodic batch of small systems: test every pair inside each system (few ops, no bins)."""
+    sq = n_atoms * n_atoms
+    total = int(sq.sum())
+    owner, rank = _segment_arange(sq, total)
+    n = n_atoms.index_select(0, owner)
+    a = torch.div(rank, n, rounding_mode="floor")
+    start = _exclusive_cumsum(n_atoms).index_select(0, owner)
+    i = start + a
+    j = start + rank - a * n
+    vec = positions.index_select(0, j) - positions.index_select(0, i)
+    keep = torch.nonzero(((vec * vec).sum(dim=1) < cutoff * cutoff) & (i != j)).squeeze(1)
+    i, j = i.index_select(0, keep), j.index_select(0, keep)
+    return i, j, torch.zeros(i.shape[0], 3, dtype=positions.dtype, device=positions.device)
 
 
 @torch.compiler.disable
@@ -68,6 +88,8 @@ def torch_neighbor_list(
     cell = cell.detach()
     n_sys = n_atoms.shape[0]
     n_tot = positions.shape[0]
+    if n_tot > 0 and not bool(pbc.any()) and int(n_atoms.max()) <= BRUTE_FORCE_MAX_ATOMS:
+        return _all_pairs_molecules(positions, n_atoms, cutoff)
     completed, singular = complete_cell(cell, pbc)
     raise_if_singular(singular, cell)
 
