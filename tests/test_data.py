@@ -399,3 +399,29 @@ def test_trajectory_import(tmp_path, ethanol_frames):
     for i in range(5):
         assert ds[i][keys.energy].item() == ethanol_frames[i].get_potential_energy()
         np.testing.assert_array_equal(ds[i][keys.forces].numpy(), ethanol_frames[i].get_forces())
+
+
+def test_transformed_samples_cached_only_for_deterministic_transforms(ethanol_db):
+    dm = AtomsDataModule(ethanol_db, 4, 20, 5, 5, transforms=[RemoveOffsets("energy"), NeighborList(4.0), CastTo32()])
+    dm.setup()
+    ds = dm.train_dataset
+    first = [ds[i] for i in range(len(ds))]
+    again = [ds[i] for i in range(len(ds))]
+    plain = dm.dataset.subset(dm.train_idx).with_transforms(ds.transforms)  # no cache
+    for a, b, c in zip(first, again, (plain[i] for i in range(len(plain)))):
+        assert a is not b and set(a) == set(c)
+        for k in a:
+            assert torch.equal(a[k], c[k]) and a[k] is b[k]  # same cached tensors, same values as uncached
+    calls = []
+
+    def noisy(sample):  # a random augmentation: a plain callable, not declared deterministic
+        calls.append(1)
+        out = dict(sample)
+        out[keys.R] = sample[keys.R] + 0.01 * torch.randn_like(sample[keys.R])
+        return out
+
+    dm2 = AtomsDataModule(ethanol_db, 4, 20, 5, 5, transforms=[noisy, NeighborList(4.0)])
+    dm2.setup()
+    calls.clear()
+    r1, r2 = dm2.train_dataset[3], dm2.train_dataset[3]
+    assert len(calls) == 2 and not torch.equal(r1[keys.R], r2[keys.R])

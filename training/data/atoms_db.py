@@ -139,6 +139,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
         self._conn_pid: int | None = None
         self._read_conn = None
         self._read_pid: int | None = None
+        self._output_cache: dict[int, Sample] | None = None
         self._memory: dict[int, Sample] | None = None
         self._fingerprint: str | None = None
         meta = self.metadata
@@ -402,6 +403,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
         new._read_conn, new._read_pid = None, None
         new.transforms = list(self.transforms)
         new.indices = self.indices[idx]
+        new._output_cache = None  # positions differ from the parent's: never share
         return new
 
     def with_transforms(self, transforms: Sequence[Transform]) -> "ASEAtomsData":
@@ -431,10 +433,32 @@ class ASEAtomsData(torch.utils.data.Dataset):
         return self._row_to_sample(self._reader().get(id=row_idx + 1))
 
     def __getitem__(self, i: int) -> Sample:
+        cache = self._output_cache
+        if cache is not None:
+            hit = cache.get(i)
+            if hit is not None:
+                return dict(hit)
         sample = self.get_raw(i)
         for t in self.transforms:
             sample = t(sample)
+        if cache is not None:
+            cache[i] = sample
+            return dict(sample)
         return sample
+
+    def cache_transformed(self) -> bool:
+        """Keep transformed samples in memory from now on (each is computed once).
+
+        Only done if every transform declares ``deterministic = True`` (see
+        :class:`training.data.transforms.Transform`); returns whether caching is on.
+        Cached tensors are shared between epochs: never modify a sample in place.
+        """
+        if not all(getattr(t, "deterministic", False) is True for t in self.transforms):
+            self._output_cache = None
+            return False
+        if self._output_cache is None:
+            self._output_cache = {}
+        return True
 
     def iter_raw(self) -> Iterable[Sample]:
         """All samples of this view without transforms, in order (one SQL pass if not in memory)."""

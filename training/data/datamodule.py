@@ -41,6 +41,8 @@ class AtomsDataModule(pl.LightningDataModule):
         in_memory: read the whole database into memory once at setup (fast epochs).
         precompute_neighbors: compute the lists of every :class:`NeighborList` transform at
             setup in batched calls (default: ``in_memory``); they are then served from memory.
+        cache_samples: keep transformed samples in memory after their first use, when every
+            transform is ``deterministic`` (default: ``in_memory``); later epochs only collate.
         validate: check every row (missing properties, shapes, NaN) at setup.
 
     After :meth:`setup`: ``train_dataset``, ``val_dataset``, ``test_dataset``,
@@ -75,6 +77,7 @@ class AtomsDataModule(pl.LightningDataModule):
         validate: bool = True,
         test_batch_size: int | None = None,
         precompute_neighbors: bool | None = None,
+        cache_samples: bool | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -104,6 +107,7 @@ class AtomsDataModule(pl.LightningDataModule):
         self.in_memory = in_memory
         self.validate = validate
         self.precompute_neighbors = in_memory if precompute_neighbors is None else precompute_neighbors
+        self.cache_samples = in_memory if cache_samples is None else cache_samples
         self.dataset: ASEAtomsData | None = None
         self.train_idx = self.val_idx = self.test_idx = None
         self.train_dataset = self.val_dataset = self.test_dataset = None
@@ -166,6 +170,9 @@ class AtomsDataModule(pl.LightningDataModule):
             self._precompute_neighbors()
         else:
             self._check_cutoffs()
+        if self.cache_samples:
+            for d in (self.train_dataset, self.val_dataset, self.test_dataset):
+                d.cache_transformed()
         self._check_first_samples()
 
     def _check_cutoffs(self) -> None:

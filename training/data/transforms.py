@@ -37,7 +37,15 @@ __all__ = [
 
 
 class Transform:
-    """Base class (optional): a callable ``sample -> new sample``."""
+    """Base class (optional): a callable ``sample -> new sample``.
+
+    ``deterministic = True`` declares the output a pure function of the input
+    sample (no randomness, no state that changes it); only then may a data
+    module cache transformed samples between epochs. Random augmentations
+    must leave it False (the default).
+    """
+
+    deterministic: bool = False
 
     def __call__(self, sample: Sample) -> Sample:  # pragma: no cover - interface
         raise NotImplementedError
@@ -134,6 +142,8 @@ class NeighborList(Transform):
         cache_in_memory: keep lists in memory (default True).
         fingerprint: dataset identifier for the on-disk cache key.
     """
+
+    deterministic = True
 
     def __init__(
         self,
@@ -281,6 +291,7 @@ class NeighborList(Transform):
 
 # --- offsets ---------------------------------------------------------------------------
 class _Offsets(Transform):
+    deterministic = True
     def __init__(
         self,
         property: str = keys.energy,
@@ -296,6 +307,8 @@ class _Offsets(Transform):
         self.is_extensive = is_extensive
         self.atomref = None if atomref is None else torch.as_tensor(atomref, dtype=torch.float64).reshape(-1)
         self.mean_per_atom = None if mean_per_atom is None else float(mean_per_atom)
+        self._ref_np: np.ndarray | None = None
+        self._ref_src: torch.Tensor | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -308,6 +321,23 @@ class _Offsets(Transform):
         return type(self)(
             self.property, self.remove_mean, self.remove_atomrefs, self.is_extensive, atomref, mean_per_atom
         )
+
+    def _single_offset(self, Z: torch.Tensor, n: int) -> float:
+        """Offset of one system (numpy: far cheaper than torch for a few atoms)."""
+        off = 0.0
+        if self.remove_atomrefs:
+            if self._ref_np is None or self._ref_src is not self.atomref:
+                self._ref_np, self._ref_src = self.atomref.numpy(), self.atomref
+            z = Z.numpy()
+            if z.max() >= self._ref_np.shape[0]:
+                raise AtomsDataError(
+                    f"atomic number {int(z.max())} has no atomref for {self.property!r} "
+                    f"(atomrefs cover Z < {self._ref_np.shape[0]})"
+                )
+            off += float(self._ref_np[z].sum())
+        if self.remove_mean:
+            off += self.mean_per_atom * n if self.is_extensive else self.mean_per_atom
+        return off
 
     def offset(self, inputs: Sample) -> torch.Tensor:
         """Offset per system [S] (float64) = sum of atomrefs + mean (per atom if extensive)."""
@@ -338,8 +368,12 @@ class _Offsets(Transform):
 
     def _apply(self, sample: Sample, sign: float) -> Sample:
         v = sample[self.property]
-        off = self.offset(sample).to(v.dtype)
         out = dict(sample)
+        n = sample[keys.n_atoms]
+        if n.shape[0] == 1 and self.is_fitted and sample[keys.Z].device.type == "cpu":  # one system
+            out[self.property] = v + sign * self._single_offset(sample[keys.Z], int(n[0]))
+            return out
+        off = self.offset(sample).to(v.dtype)
         out[self.property] = v + sign * off.reshape((-1,) + (1,) * (v.dim() - 1))
         return out
 
@@ -374,6 +408,7 @@ class AddOffsets(_Offsets):
 
 # --- casts and geometry ----------------------------------------------------------------
 class _Cast(Transform):
+    deterministic = True
     src: torch.dtype
     dst: torch.dtype
 
@@ -396,6 +431,8 @@ class CastTo64(_Cast):
 class SubtractCenterOfMass(Transform):
     """Shift positions so that the centre of mass (ASE atomic masses) is at the origin."""
 
+    deterministic = True
+
     def __init__(self) -> None:
         from ase.data import atomic_masses
 
@@ -416,6 +453,8 @@ class WrapPositions(Transform):
     If the sample already has neighbor pairs, their cell shifts are corrected
     so that every pair vector stays the same.
     """
+
+    deterministic = True
 
     def __call__(self, sample: Sample) -> Sample:
         pbc = sample[keys.pbc].reshape(3)
@@ -440,6 +479,8 @@ class WrapPositions(Transform):
 
 class ScaleProperty(Transform):
     """Multiply ``property`` by ``factor`` (a dimensionless scale; unit changes belong to the dataset)."""
+
+    deterministic = True
 
     def __init__(self, property: str, factor: float) -> None:
         self.property = property
