@@ -425,3 +425,14 @@ def test_transformed_samples_cached_only_for_deterministic_transforms(ethanol_db
     calls.clear()
     r1, r2 = dm2.train_dataset[3], dm2.train_dataset[3]
     assert len(calls) == 2 and not torch.equal(r1[keys.R], r2[keys.R])
+
+
+def test_stats_of_per_atom_forces(ethanol_db, ethanol_frames):
+    dm = AtomsDataModule(ethanol_db, 10, 100, 20, 20, split_mode="blocks")
+    dm.setup()
+    mean, std = dm.get_stats("forces")
+    assert mean.shape == (3,) and std.shape == (3,)
+    # forces of each frame sum to zero (net force < 1e-7 eV/Å), so the mean over atoms vanishes
+    assert torch.all(mean.abs() < 1e-8)
+    f = np.concatenate([a.get_forces() for a in ethanol_frames[:100]])
+    np.testing.assert_allclose(std.numpy(), f.std(0), rtol=1e-10)
