@@ -144,20 +144,43 @@ class Client:
     def _roundtrip(self, message: dict) -> Any:
         rid = next(self._ids)
         message = {"id": rid, **message}
-        self._sock.sendall(P.pack(message))
-        header = self._recv_exactly(P.HEADER_SIZE)
-        (n,) = P.HEADER.unpack(header)
-        reply = P.unpack(self._recv_exactly(n))
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            code, msg = str(err.get("code", P.INTERNAL)), str(err.get("message", "malformed error reply"))
-            if reply.get("id") is None or code == P.UNAUTHORIZED:
-                self._drop()  # connection-level error: the server closes this connection
-            raise ServerError(code, msg)
+        try:
+            self._sock.sendall(P.pack(message))
+        except OSError as err:
+            # the server may have refused this connection (overloaded, shutting down)
+            # and closed it before we sent: its reason is waiting in our receive buffer
+            reply = self._pending_reply()
+            if reply is None:
+                raise
+            self._raise_error(reply)
+            raise err
+        reply = self._read_reply()
+        self._raise_error(reply)
         if reply.get("id") != rid:
             self._drop()
             raise ConnectionError(f"reply id {reply.get('id')!r} does not match request id {rid}")
         return reply.get("result")
+
+    def _read_reply(self) -> dict:
+        (n,) = P.HEADER.unpack(self._recv_exactly(P.HEADER_SIZE))
+        return P.unpack(self._recv_exactly(n))
+
+    def _pending_reply(self) -> dict | None:
+        """A reply already sent by the server, if one arrives within 0.5 s."""
+        try:
+            self._sock.settimeout(0.5)
+            return self._read_reply()
+        except (OSError, P.ProtocolError):
+            return None
+
+    def _raise_error(self, reply: dict) -> None:
+        if reply.get("ok"):
+            return
+        err = reply.get("error") or {}
+        code, msg = str(err.get("code", P.INTERNAL)), str(err.get("message", "malformed error reply"))
+        if reply.get("id") is None or code == P.UNAUTHORIZED:
+            self._drop()  # connection-level error: the server closes this connection
+        raise ServerError(code, msg)
 
     def request(self, op: str, **fields: Any) -> Any:
         """Send one request, reconnecting if the connection was lost; return its result."""
