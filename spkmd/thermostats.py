@@ -53,10 +53,13 @@ class Thermostat(Hook):
     def __init__(self, temperature_K: float) -> None:
         self.temperature_K = _positive("temperature_K", temperature_K)
         self.kT = self.temperature_K * units.KB_HARTREE_PER_K  # Hartree
-        self.energy: torch.Tensor | None = None  # [R, M] Hartree taken out of the system
+        # Σ over half-steps of (p_before² - p_after²) summed over x, y, z, per replica and atom;
+        # the bath energy is 0.5 * this / m summed per molecule (reduced only when asked for)
+        self.exchanged: torch.Tensor | None = None  # [R, N]
         self.generator: torch.Generator | None = None
         self.half_dt: float | None = None
         self._loaded: dict | None = None
+        self._system: System | None = None
 
     # -- the narrow method --------------------------------------------------------
     def half_step(self, system: System) -> None:
@@ -67,6 +70,7 @@ class Thermostat(Hook):
     def setup(self, system: System, time_step: float, generator: torch.Generator | None = None) -> None:
         """Prepare for ``system`` and an integrator time step (atomic time units)."""
         self.half_dt = 0.5 * float(time_step)
+        self._system = system
         if generator is not None:
             self.generator = generator
         elif self.generator is None:
@@ -75,8 +79,8 @@ class Thermostat(Hook):
         if self._loaded is not None:
             self._restore(self._loaded, system)
             self._loaded = None
-        elif self.energy is None or self.energy.shape != (system.n_replicas, system.n_molecules):
-            self.energy = torch.zeros(system.n_replicas, system.n_molecules, dtype=system.dtype, device=system.device)
+        elif self.exchanged is None or self.exchanged.shape != system.positions.shape[:2]:
+            self.exchanged = torch.zeros(system.positions.shape[:2], dtype=system.dtype, device=system.device)
             self.init_state(system)
 
     def init_constants(self, system: System) -> None:
@@ -89,15 +93,25 @@ class Thermostat(Hook):
         self.setup(simulator.system, simulator.integrator.time_step, simulator.generator)
 
     def accounted_half_step(self, system: System) -> None:
-        ke0 = system.kinetic_energy()
+        p = system.momenta
+        self.exchanged.add_((p * p).sum(-1))
         self.half_step(system)
-        self.energy += ke0 - system.kinetic_energy()
+        p = system.momenta
+        self.exchanged.sub_((p * p).sum(-1))
 
     def on_step_begin(self, simulator) -> None:
         self.accounted_half_step(simulator.system)
 
     def on_step_end(self, simulator) -> None:
         self.accounted_half_step(simulator.system)
+
+    @property
+    def energy(self) -> torch.Tensor | None:
+        """Energy taken out of the system so far, Hartree.  [R, M]"""
+        if self.exchanged is None or self._system is None:
+            return None
+        s = self._system
+        return s.sum_molecules(0.5 * self.exchanged / s.masses.view(1, -1))
 
     def bath_energy(self):
         return self.energy
@@ -113,23 +127,21 @@ class Thermostat(Hook):
         return {}
 
     def state_dict(self) -> dict:
-        if self.energy is None:
+        if self.exchanged is None:
             return {}
-        return {"energy": self.energy.clone(), **{k: v.clone() for k, v in self.state_tensors().items()}}
+        return {"exchanged": self.exchanged.clone(), **{k: v.clone() for k, v in self.state_tensors().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self._loaded = dict(state) if state else None
 
     def _restore(self, state: dict, system: System) -> None:
         dev, dt = system.device, system.dtype
-        self.energy = state["energy"].to(device=dev, dtype=dt)
         for k, v in state.items():
-            if k != "energy":
-                setattr(self, k, v.to(device=dev, dtype=dt))
+            setattr(self, k, v.to(device=dev, dtype=dt))
 
     def to(self, device=None, dtype=None):
-        if self.energy is not None:
-            self.energy = self.energy.to(device=device, dtype=dtype)
+        if self.exchanged is not None:
+            self.exchanged = self.exchanged.to(device=device, dtype=dtype)
             for k, v in self.state_tensors().items():
                 setattr(self, k, v.to(device=device, dtype=dtype))
         return self
