@@ -365,7 +365,8 @@ class ASEAtomsData(torch.utils.data.Dataset):
                 f"{self.path}: the database metadata has no '_property_units'; import the data with "
                 "training.data.importers (which records units) or call update_metadata(property_units=...)"
             )
-        return dict(pu)
+        # SchNetPack marks unit-less properties with None or "arb. unit": dimensionless here
+        return {k: ("1" if v is None or v == "arb. unit" else v) for k, v in pu.items()}
 
     @property
     def available_properties(self) -> list[str]:
