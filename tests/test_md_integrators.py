@@ -148,3 +148,21 @@ def test_time_step_in_fs():
     assert abs(vv.time_step_fs - 0.5) < 1e-14
     with pytest.raises(ValueError, match="positive"):
         VelocityVerlet(0.0)
+
+
+def test_remove_com_hook_books_energy_and_to_float32(lj_calc):
+    from spkmd.hooks import RemoveCOMMotion
+
+    s = argon_system()
+    s.momenta += 0.5 * s.masses3 * 1e-4  # a drift of the whole cluster
+    hook = RemoveCOMMotion(every_n_steps=5, remove_rotation=True)
+    sim = Simulator(s, VelocityVerlet(5.0), lj_calc, hooks=[hook])
+    sim.simulate(0)
+    e0 = sim.conserved_energy().clone()
+    sim.simulate(10)
+    assert float(s.sum_molecules(s.momenta).abs().max()) < 1e-12
+    assert float(hook.bath_energy().min()) > 0  # the drift's kinetic energy went to the "bath"
+    assert float((sim.conserved_energy() - e0).abs().max()) * units.factor("Hartree", "eV") < 1e-4
+    sim.to(dtype=torch.float32)
+    sim.simulate(3)
+    assert s.positions.dtype == s.forces.dtype == s.momenta.dtype == torch.float32

@@ -135,3 +135,26 @@ def test_power_spectrum_peak_of_harmonic_trap(tmp_path):
     peak = freq[np.argmax(spec)]
     resolution = freq[1] - freq[0]
     assert abs(peak - expected) <= 2 * resolution, (peak, expected, resolution)
+
+
+def test_ir_spectrum_peak_of_oscillating_dipole():
+    from spkmd.spectra import ir_spectrum
+
+    class FakeLog:
+        """A dipole oscillating at 1000 cm^-1 sampled every 1 fs."""
+
+        available = ["dipole_moment"]
+        times_fs = np.arange(4000) * 1.0
+
+        def get_property(self, name, molecule, replica):
+            c = units.SPEED_OF_LIGHT_M_PER_S * units.factor("m/s", "cm/fs")
+            nu = 1000.0 * c  # 1/fs
+            mu = np.zeros((len(self.times_fs), 3))
+            mu[:, 2] = np.cos(2 * np.pi * nu * self.times_fs)
+            return mu
+
+    freq, spec = ir_spectrum(FakeLog(), resolution=2048)
+    assert abs(freq[np.argmax(spec)] - 1000.0) <= 2 * (freq[1] - freq[0])
+    FakeLog.available = []
+    with pytest.raises(KeyError, match="dipole_moment"):
+        ir_spectrum(FakeLog())

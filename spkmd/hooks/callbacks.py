@@ -46,6 +46,11 @@ class RemoveCOMMotion(Hook):
     def bath_energy(self):
         return self.energy
 
+    def to(self, device=None, dtype=None):
+        if self.energy is not None:
+            self.energy = self.energy.to(device=device, dtype=dtype)
+        return self
+
     def state_dict(self) -> dict:
         return {} if self.energy is None else {"energy": self.energy.clone()}
 
