@@ -11,7 +11,8 @@ from torch import nn
 
 from spkserve import keys
 from spkserve.nn.cutoff import build_cutoff
-from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, PAIR_VECTORS, SCALAR, VECTOR
+from spkserve.nn.fused import PaiNNMessage
+from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, PAIR_VECTORS, SCALAR, VECTOR, _is_compiling
 from spkserve.nn.layers import Dense
 from spkserve.nn.radial import build_rbf
 
@@ -114,6 +115,8 @@ class PaiNN(nn.Module):
         n_blocks = 1 if shared_interactions else n_interactions
         self.interactions = nn.ModuleList(PaiNNInteraction(n_atom_basis, activation_name) for _ in range(n_blocks))
         self.mixing = nn.ModuleList(PaiNNMixing(n_atom_basis, activation_name, epsilon) for _ in range(n_blocks))
+        #: set by NeuralNetworkPotential per call: use the memory-lean inference path
+        self.use_fused = False
 
     def forward(self, inputs: dict[str, torch.Tensor], geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         Z = inputs[keys.Z]
@@ -121,10 +124,19 @@ class PaiNN(nn.Module):
         d_ij = geometry[PAIR_DISTANCES]
         dir_ij = (geometry[PAIR_VECTORS] / d_ij[:, None]).unsqueeze(-1)  # [P, 3, 1]
         fcut = self.cutoff_fn(d_ij)
-        filters = self.filter_net(self.radial_basis(d_ij)) * fcut[:, None]  # [P, sets*3F]
-        w = filters.split(3 * self.n_atom_basis, dim=-1)
         q = self.embedding(Z)  # [N, F]
         mu = torch.zeros(q.shape[0], 3, q.shape[1], dtype=q.dtype, device=q.device)
+        if self.use_fused and not _is_compiling():
+            w_raw = self.filter_net(self.radial_basis(d_ij)).split(3 * self.n_atom_basis, dim=-1)
+            unit = dir_ij.squeeze(-1)
+            for k in range(self.n_interactions):
+                b = 0 if self.shared_interactions else k
+                x = self.interactions[b].context(q)
+                dq, dmu = PaiNNMessage.apply(x, mu, w_raw[0 if self.shared_filters else k], fcut, unit, idx_i, idx_j)
+                q, mu = self.mixing[b](q + dq, mu + dmu)
+            return {SCALAR: q, VECTOR: mu}
+        filters = self.filter_net(self.radial_basis(d_ij)) * fcut[:, None]  # [P, sets*3F]
+        w = filters.split(3 * self.n_atom_basis, dim=-1)
         for k in range(self.n_interactions):
             b = 0 if self.shared_interactions else k
             q, mu = self.interactions[b](q, mu, w[0 if self.shared_filters else k], dir_ij, idx_i, idx_j)

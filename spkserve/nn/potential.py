@@ -134,7 +134,14 @@ class NeuralNetworkPotential(AtomisticModel):
             results = self.compute(dict(inputs))
             results = {k: v for k, v in results.items() if k in properties}
         else:
-            results = super().forward(inputs, properties, create_graph)
+            # memory-lean fused backward only when no graph of the derivatives is kept
+            if hasattr(self.representation, "use_fused"):
+                self.representation.use_fused = not (create_graph or self.training)
+            try:
+                results = super().forward(inputs, properties, create_graph)
+            finally:
+                if hasattr(self.representation, "use_fused"):
+                    self.representation.use_fused = False
         if self.cast_float64:
             results = {k: v.double() for k, v in results.items()}
         return results

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from spkserve import keys
 from spkserve.nn.cutoff import build_cutoff
-from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, SCALAR
+from spkserve.nn.fused import SchNetFilterConv
+from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, SCALAR, _is_compiling
 from spkserve.nn.layers import LOG2, activation
 from spkserve.nn.radial import build_rbf
 
@@ -84,6 +85,8 @@ class SchNet(nn.Module):
         self.out2_b = nn.Parameter(torch.zeros(n_interactions, n_atom_basis))
         self._ssp = activation_name in ("shifted_softplus", "ssp")
         self.act = activation(activation_name)
+        #: set by NeuralNetworkPotential per call: use the memory-lean inference path
+        self.use_fused = False
 
     def filters(self, d_ij: torch.Tensor) -> torch.Tensor:
         """Cutoff-weighted filters of all blocks.  [n_sets, P, nf]"""
@@ -106,6 +109,8 @@ class SchNet(nn.Module):
         """Scalar features ``{SCALAR: [N, F]}``."""
         Z = inputs[keys.Z]
         idx_i, idx_j = geometry[PAIR_I], geometry[PAIR_J]
+        if self.use_fused and self._ssp and not _is_compiling():
+            return {SCALAR: self._forward_fused(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
         filters = self.filters(geometry[PAIR_DISTANCES]).unbind(0)
         x = self.embedding(Z)
         n_atoms = x.shape[0]
@@ -123,3 +128,22 @@ class SchNet(nn.Module):
             y = F.softplus(y) if self._ssp else self.act(y)
             x = torch.addmm(out2_b[k], y, out2_w[k]).add_(x)
         return {SCALAR: x}
+
+    def _forward_fused(
+        self, Z: torch.Tensor, d_ij: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor
+    ) -> torch.Tensor:
+        """Same result as the plain path; one fused filter+convolution per block (inference only)."""
+        rbf = self.radial_basis(d_ij)
+        fcut = self.cutoff_fn(d_ij)
+        x = self.embedding(Z)
+        b2 = (self.filter_b2 - LOG2 * self.filter_w2.sum(1, keepdim=True)).squeeze(1)
+        out2_b = self.out2_b - LOG2 * self.out2_w.sum(1)
+        for k in range(self.n_interactions):
+            f = 0 if self.shared_filters else k
+            y = torch.mm(x, self.in2f_w[k])
+            y = SchNetFilterConv.apply(
+                y, rbf, fcut, self.filter_w1[f], self.filter_b1[f, 0], self.filter_w2[f], b2[f], idx_i, idx_j
+            )
+            y = F.softplus(torch.addmm(self.out1_b[k], y, self.out1_w[k]))
+            x = torch.addmm(out2_b[k], y, self.out2_w[k]).add_(x)
+        return x
