@@ -47,6 +47,8 @@ Transforms (:mod:`.transforms`; ``sample -> new sample``, never modify the input
                   atomref=None, mean_per_atom=None)   # fitted on the train split by AtomsDataModule
     AddOffsets(...same...), AddOffsets.from_remove(remove)   # inverse; also works on batches
     CastTo32(), CastTo64(), SubtractCenterOfMass(), WrapPositions(), ScaleProperty(property, factor)
+    Transform: optional base class; ``deterministic = True`` (all of the above) allows caching the output,
+    plain callables and random augmentations are never cached.
 
 Batching (:mod:`.collate`)::
 
@@ -59,7 +61,11 @@ Data module (:mod:`.datamodule`)::
                     split_mode="random"|"blocks", transforms=(), train_transforms=None, val_transforms=None,
                     test_transforms=None, property_units=None, distance_unit=None, num_workers=0,
                     pin_memory=False, seed=0, val_batch_size=None, *, load_properties=None, split_gap=0,
-                    in_memory=True, validate=True, test_batch_size=None, precompute_neighbors=None)
+                    in_memory=True, validate=True, test_batch_size=None, precompute_neighbors=None,
+                    cache_samples=None)
+        in_memory: whole db read once at setup; precompute_neighbors (default in_memory): NeighborList
+        caches filled at setup with batched calls; cache_samples (default in_memory): transformed samples
+        kept after first use when every transform has ``deterministic = True``.
         .setup() -> .train_dataset/.val_dataset/.test_dataset, .train_idx/.val_idx/.test_idx
         .get_offsets("energy") -> (atomref Tensor[max_z+1] float64, mean_per_atom float)   # train split;
                                   exactly what the RemoveOffsets transform removes (zeros for parts switched off)
