@@ -336,6 +336,7 @@ def test_stalled_message_is_dropped_after_read_timeout(lj_bundle):
         assert srv.stats.errors["timeout"] == 1
 
 
+@pytest.mark.timeout(200)
 def test_cli_serve_unix_and_sigterm(lj_bundle):
     with short_tmpdir() as d:
         path = str(d / "cli.sock")
@@ -344,7 +345,7 @@ def test_cli_serve_unix_and_sigterm(lj_bundle):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 60, "the server socket")
+            wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 150, "the server socket")
             assert proc.poll() is None, proc.stderr.read()
             with Client(unix=path) as c:
                 r = c.compute(ethanol())
