@@ -80,8 +80,6 @@ Splits (:mod:`.splits`): ``make_split``, ``save_split``, ``load_split``.
 
 from .atoms_db import IDX, ASEAtomsData, AtomsDataError
 from .collate import collate_atoms
-from .datamodule import AtomsDataModule
-from .datasets import ISO17, MD17, MD22, QM9, RMD17, DownloadError, ReferenceDataset, download_file
 from .importers import (
     MD17_KEYS,
     RMD17_KEYS,
@@ -114,3 +112,21 @@ __all__ = [
     "AddOffsets", "CastTo32", "CastTo64", "NeighborList", "RemoveOffsets", "ScaleProperty",
     "SubtractCenterOfMass", "Transform", "WrapPositions",
 ]
+
+
+# the data module and the datasets need pytorch-lightning, whose import takes seconds: load them on first use
+_LAZY = {
+    "AtomsDataModule": ".datamodule",
+    **{name: ".datasets" for name in ("ISO17", "MD17", "MD22", "QM9", "RMD17", "DownloadError",
+                                      "ReferenceDataset", "download_file")},
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
