@@ -117,6 +117,8 @@ class PaiNN(nn.Module):
         self.mixing = nn.ModuleList(PaiNNMixing(n_atom_basis, activation_name, epsilon) for _ in range(n_blocks))
         #: set by NeuralNetworkPotential per call: use the memory-lean inference path
         self.use_fused = False
+        #: the fused path pays off once pair tensors are large (fewer ops win below)
+        self.fused_min_elements = 1 << 18
 
     def forward(self, inputs: dict[str, torch.Tensor], geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         Z = inputs[keys.Z]
@@ -126,7 +128,7 @@ class PaiNN(nn.Module):
         fcut = self.cutoff_fn(d_ij)
         q = self.embedding(Z)  # [N, F]
         mu = torch.zeros(q.shape[0], 3, q.shape[1], dtype=q.dtype, device=q.device)
-        if self.use_fused and not _is_compiling():
+        if self.use_fused and idx_i.shape[0] * self.n_atom_basis >= self.fused_min_elements and not _is_compiling():
             w_raw = self.filter_net(self.radial_basis(d_ij)).split(3 * self.n_atom_basis, dim=-1)
             unit = dir_ij.squeeze(-1)
             for k in range(self.n_interactions):

@@ -22,17 +22,31 @@ class GaussianRBF(nn.Module):
         self._register(offsets, widths, trainable)
 
     def _register(self, offsets: torch.Tensor, widths: torch.Tensor, trainable: bool) -> None:
+        self.trainable = trainable
         if trainable:
             self.offsets = nn.Parameter(offsets)
             self.widths = nn.Parameter(widths)
         else:
             self.register_buffer("offsets", offsets)
             self.register_buffer("widths", widths)
+            # derived constant (not saved): -1 / (2 w^2)
+            self.register_buffer("_coeff", -0.5 / widths**2, persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):  # keep the derived constant consistent after .to()/.double()
+        out = super()._apply(fn, *args, **kwargs)
+        if not self.trainable:
+            self._coeff = -0.5 / self.widths**2
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):  # widths may change on loading
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.trainable:
+            self._coeff = -0.5 / self.widths**2
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
-        coeff = -0.5 / self.widths**2
+        coeff = self._coeff if not self.trainable else -0.5 / self.widths**2
         diff = d[:, None] - self.offsets
-        return torch.exp(coeff * diff * diff)
+        return torch.exp(coeff * (diff * diff))
 
 
 class GaussianRBFCentered(GaussianRBF):

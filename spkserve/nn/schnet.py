@@ -87,6 +87,8 @@ class SchNet(nn.Module):
         self.act = activation(activation_name)
         #: set by NeuralNetworkPotential per call: use the memory-lean inference path
         self.use_fused = False
+        #: the fused path pays off once pair tensors are large (fewer ops win below)
+        self.fused_min_elements = 1 << 18
 
     def filters(self, d_ij: torch.Tensor) -> torch.Tensor:
         """Cutoff-weighted filters of all blocks.  [n_sets, P, nf]"""
@@ -109,7 +111,12 @@ class SchNet(nn.Module):
         """Scalar features ``{SCALAR: [N, F]}``."""
         Z = inputs[keys.Z]
         idx_i, idx_j = geometry[PAIR_I], geometry[PAIR_J]
-        if self.use_fused and self._ssp and not _is_compiling():
+        if (
+            self.use_fused
+            and self._ssp
+            and idx_i.shape[0] * self.n_filters >= self.fused_min_elements
+            and not _is_compiling()
+        ):
             return {SCALAR: self._forward_fused(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
         filters = self.filters(geometry[PAIR_DISTANCES]).unbind(0)
         x = self.embedding(Z)
