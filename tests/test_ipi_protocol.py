@@ -288,3 +288,56 @@ def test_evaluator_units_match_direct_runner(lj_bundle):
     vol = np.linalg.det(cell_A)
     np.testing.assert_allclose(v, -vol * ref["stress"].numpy() * units.factor("eV", "Hartree"), rtol=1e-12, atol=1e-15)
     assert torch.is_tensor(ref["energy"])
+
+
+def test_client_over_tcp_sets_nodelay_and_workers_share_one_evaluation():
+    """Two connections of one client (--workers 2) over TCP: requests sent together -> one model call."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    port = srv.getsockname()[1]
+    rng = np.random.default_rng(8)
+    pos = rng.normal(size=(2, 1, 3, 3))
+    got = {}
+
+    def server():
+        conns = []
+        for _ in range(2):
+            c, _ = srv.accept()
+            c.settimeout(5)
+            c.sendall(P.STATUS)
+            assert P.read_header(c) == P.NEEDINIT
+            c.sendall(P.pack_init(len(conns), "") + P.STATUS)
+            assert P.read_header(c) == P.READY
+            conns.append(c)
+        for k, c in enumerate(conns):  # the same step's requests, back to back
+            c.sendall(P.pack_posdata(np.eye(3)[None] * 20, pos[k]) + P.GETFORCE)
+        for k, c in enumerate(conns):
+            assert P.read_header(c) == P.FORCEREADY
+            got[k] = P.read_forceready(c, 1, 3)
+            c.sendall(P.EXIT)
+            c.close()
+        srv.close()
+
+    t = threading.Thread(target=server)
+    t.start()
+    ev = _Doubling()
+    client = IPIClient(ev, Address.tcp("127.0.0.1", port), workers=2, gather_window_s=1.0, connect_timeout_s=5)
+    stats = client.run()
+    t.join(10)
+    assert ev.calls == [2]  # both connections' structures in one evaluation
+    for k in range(2):
+        assert got[k].energies[0] == pytest.approx(pos[k].sum())
+    assert stats.requests == 2 and stats.model_calls == 1
+
+
+def test_tcp_sockets_get_nodelay():
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    sock = connect(Address.tcp("127.0.0.1", srv.getsockname()[1]), timeout_s=2)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
+        srv.close()
