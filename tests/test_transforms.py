@@ -99,6 +99,10 @@ def test_neighbor_list_molecule_all_pairs(ethanol):
     n = int(s[keys.n_atoms])
     assert out[keys.idx_i].shape[0] == n * (n - 1)  # every ordered pair, no self pairs
     assert torch.all(out[keys.shifts] == 0)
+    assert out[keys.shifts].stride(0) == 0  # molecules: a zero view, no memory per pair
+    assert CastTo32()(out)[keys.shifts].stride(0) == 0
+    batch = collate_atoms([out, NeighborList(10.0)(ethanol[1])])
+    assert batch[keys.shifts].shape == (2 * n * (n - 1), 3) and torch.all(batch[keys.shifts] == 0)
 
 
 def test_neighbor_list_cache_memory_and_disk(ethanol, tmp_path, monkeypatch):

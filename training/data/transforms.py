@@ -121,7 +121,19 @@ def _vesin_molecule(positions: torch.Tensor, cutoff: float) -> tuple[torch.Tenso
                                                            quantities="ij")
     i = torch.from_numpy(np.ascontiguousarray(i, dtype=np.int64))
     j = torch.from_numpy(np.ascontiguousarray(j, dtype=np.int64))
-    return i, j, torch.zeros(i.shape[0], 3, dtype=positions.dtype)
+    return i, j, zero_shifts(i.shape[0], positions.dtype)
+
+
+def _to_dtype(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v.to(dtype)``, keeping broadcast views (zero shifts) views."""
+    if v.dtype != dtype and v.dim() >= 1 and v.shape[0] > 1 and v.stride(0) == 0:
+        return v[:1].to(dtype).expand(v.shape)
+    return v.to(dtype)
+
+
+def zero_shifts(n_pairs: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n_pairs, 3] zeros as a stride-0 view (no memory per pair; read-only like every cached tensor)."""
+    return torch.zeros(1, 3, dtype=dtype).expand(n_pairs, 3)
 
 
 class NeighborList(Transform):
@@ -238,7 +250,8 @@ class NeighborList(Transform):
         for k, s in enumerate(chunk):
             a, b = bounds[k], bounds[k + 1]
             off = int(starts[k])
-            entry = (_content_hash(s), i[a:b] - off, j[a:b] - off, S[a:b].clone())
+            shifts = S[a:b].clone() if bool(s[keys.pbc].any()) else zero_shifts(int(b - a), S.dtype)
+            entry = (_content_hash(s), i[a:b] - off, j[a:b] - off, shifts)
             self._memory[int(s[IDX][0])] = entry
             if self.cache_dir is not None:
                 self._store(int(s[IDX][0]), entry[0], entry[1:])
@@ -266,7 +279,7 @@ class NeighborList(Transform):
                     self._store(idx, h, pairs)
         out = dict(sample)
         out[keys.idx_i], out[keys.idx_j] = pairs[0], pairs[1]
-        out[keys.shifts] = pairs[2].to(sample[keys.R].dtype)
+        out[keys.shifts] = _to_dtype(pairs[2], sample[keys.R].dtype)
         return out
 
     def _file(self, idx: int) -> Path:
@@ -413,7 +426,10 @@ class _Cast(Transform):
     dst: torch.dtype
 
     def __call__(self, sample: Sample) -> Sample:
-        return {k: (v.to(self.dst) if v.dtype == self.src else v) for k, v in sample.items()}
+        return {k: (self._cast(v) if v.dtype == self.src else v) for k, v in sample.items()}
+
+    def _cast(self, v: torch.Tensor) -> torch.Tensor:
+        return _to_dtype(v, self.dst)
 
 
 class CastTo32(_Cast):
