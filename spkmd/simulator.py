@@ -114,8 +114,7 @@ class Simulator:
     # ------------------------------------------------------------------ running
     def _check_finite(self) -> None:
         s = self.system
-        check = s.forces.sum() + s.positions.sum()
-        if not bool(torch.isfinite(check)):
+        if not bool(torch.isfinite(s.forces.sum() + s.positions.sum())):
             bad_f = ~torch.isfinite(s.forces).all(-1)  # [R, N]
             bad_r = ~torch.isfinite(s.positions).all(-1)
             what = []

@@ -53,9 +53,9 @@ class Thermostat(Hook):
     def __init__(self, temperature_K: float) -> None:
         self.temperature_K = _positive("temperature_K", temperature_K)
         self.kT = self.temperature_K * units.KB_HARTREE_PER_K  # Hartree
-        # Σ over half-steps of (p_before² - p_after²) summed over x, y, z, per replica and atom;
-        # the bath energy is 0.5 * this / m summed per molecule (reduced only when asked for)
-        self.exchanged: torch.Tensor | None = None  # [R, N]
+        # Σ over half-steps of (p_before² - p_after²) per replica, atom and component; the bath
+        # energy is 0.5 * this / m summed per molecule (reduced only when asked for)
+        self.exchanged: torch.Tensor | None = None  # [R, N, 3]
         self.generator: torch.Generator | None = None
         self.half_dt: float | None = None
         self._loaded: dict | None = None
@@ -79,8 +79,8 @@ class Thermostat(Hook):
         if self._loaded is not None:
             self._restore(self._loaded, system)
             self._loaded = None
-        elif self.exchanged is None or self.exchanged.shape != system.positions.shape[:2]:
-            self.exchanged = torch.zeros(system.positions.shape[:2], dtype=system.dtype, device=system.device)
+        elif self.exchanged is None or self.exchanged.shape != system.positions.shape:
+            self.exchanged = torch.zeros_like(system.positions)
             self.init_state(system)
 
     def init_constants(self, system: System) -> None:
@@ -94,10 +94,10 @@ class Thermostat(Hook):
 
     def accounted_half_step(self, system: System) -> None:
         p = system.momenta
-        self.exchanged.add_((p * p).sum(-1))
+        self.exchanged.addcmul_(p, p)
         self.half_step(system)
         p = system.momenta
-        self.exchanged.sub_((p * p).sum(-1))
+        self.exchanged.addcmul_(p, p, value=-1.0)
 
     def on_step_begin(self, simulator) -> None:
         self.accounted_half_step(simulator.system)
@@ -111,7 +111,7 @@ class Thermostat(Hook):
         if self.exchanged is None or self._system is None:
             return None
         s = self._system
-        return s.sum_molecules(0.5 * self.exchanged / s.masses.view(1, -1))
+        return s.sum_molecules(0.5 * self.exchanged.sum(-1) / s.masses.view(1, -1))
 
     def bath_energy(self):
         return self.energy
