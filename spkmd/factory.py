@@ -218,7 +218,13 @@ def build_calculator(cfg: dict, system: System, dtype: torch.dtype, device: str,
     dt_name = "float64" if dtype == torch.float64 else "float32"
     if kind == "bundle":
         check_keys(cfg, {"type", "model_file", "neighbor_list", "properties", "stress", "compile"}, "calculator")
-        path = resolve_file(_required(cfg, "model_file", "calculator"), bundle_search_dirs(), "model bundle")
+        try:
+            path = resolve_file(_required(cfg, "model_file", "calculator"), bundle_search_dirs(), "model bundle")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}; give calculator.model_file=PATH (a bundle from spktrain or `spkserve reference`), "
+                "or calculator=reference for a harmonic-bond stand-in potential"
+            ) from None
         return BundleCalculator(path, dtype=dt_name, device=device, properties=list(cfg.get("properties") or []),
                                 stress=cfg.get("stress"), compile=bool(cfg.get("compile", False)),
                                 **_neighbor_kw(cfg, "calculator"))
