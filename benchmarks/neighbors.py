@@ -190,9 +190,11 @@ def memory_child(backend: str, n_molecules: int) -> None:
     args = (pos, cell[None], np.ones((1, 3), dtype=bool), np.array([len(pos)]))
     fn = CANDIDATES[backend](*args)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
     fn()
+    seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"before_MB": before, "peak_MB": after}))
+    print(json.dumps({"before_MB": before, "peak_MB": after, "seconds": seconds}))
 
 
 def fmt(r: dict) -> str:
@@ -218,6 +220,24 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     sizes = SIZES[:2] if a.quick else SIZES
     load_before = Path("/proc/loadavg").read_text().split()[:3]
+    # memory first: a child started later would inherit this process's large ru_maxrss
+    memory = {}
+    if not a.quick:
+        n_mol = SIZES[-1]
+        for name in CANDIDATES:
+            if name == "ase (raw loop)":
+                memory[name] = {"error": "not measured (one call takes minutes at this size)"}
+                continue
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, str(n_mol), "--threads", str(a.threads)],
+                capture_output=True,
+                text=True,
+            )
+            try:
+                memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                memory[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+            print(f"memory {name}: {memory[name]}", flush=True)
     rows = []
     for n_mol in sizes:
         pos, cell = water_box(n_mol)
@@ -238,24 +258,6 @@ def main() -> None:
     rows.append(("64 × ethanol (batch)", n_pairs, res))
     print("  " + "; ".join(f"{k}: {fmt(v)}" for k, v in res.items()), flush=True)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-
-    memory = {}
-    if not a.quick:
-        n_mol = SIZES[-1]
-        for name in CANDIDATES:
-            if rows[len(SIZES) - 1][2][name]["median_ms"] is None:
-                memory[name] = {"error": "skipped (too slow at this size, see notes)"}
-                continue
-            proc = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, str(n_mol), "--threads", str(a.threads)],
-                capture_output=True,
-                text=True,
-            )
-            try:
-                memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (IndexError, json.JSONDecodeError):
-                memory[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-            print(f"memory {name}: {memory[name]}", flush=True)
 
     names = list(rows[-1][2])
     lines = [
@@ -278,12 +280,14 @@ def main() -> None:
         lines += ["", "Notes:"] + notes
     if memory:
         lines += ["", f"Peak RSS, one call on water {3 * SIZES[-1]} atoms, fresh process (MB: before the call → peak):", ""]
-        lines += ["| candidate | before | peak | increase |", "| --- | --- | --- | --- |"]
+        lines += ["| candidate | before | peak | increase | time of that call (s) |", "| --- | --- | --- | --- | --- |"]
         for name, m in memory.items():
             if "error" in m:
-                lines.append(f"| {name} | – | – | {m['error']} |")
+                lines.append(f"| {name} | – | – | {m['error']} | – |")
             else:
-                lines.append(f"| {name} | {m['before_MB']:.0f} | {m['peak_MB']:.0f} | {m['peak_MB'] - m['before_MB']:.0f} |")
+                lines.append(
+                    f"| {name} | {m['before_MB']:.0f} | {m['peak_MB']:.0f} | {m['peak_MB'] - m['before_MB']:.0f} | {m['seconds']:.1f} |"
+                )
     lines += [
         "",
         "Candidates: `ours (...)` = `spkserve.neighbors.neighbor_list(..., backend=...)` on torch tensors "

@@ -29,7 +29,7 @@ import torch
 from spkserve.neighbors._cells import complete_cell, raise_if_singular
 
 #: candidate pairs processed per chunk in step 3
-CHUNK_PAIRS = 1 << 22
+CHUNK_PAIRS = 1 << 21
 #: bins are made this much wider than the cutoff so that rounding never loses a pair
 _BIN_MARGIN = 1e-5
 #: non-periodic batches whose largest system has at most this many atoms use all pairs
@@ -146,14 +146,26 @@ def torch_neighbor_list(
     nbs = nb_i.index_select(0, s_src)
     local = src - bin_offset.index_select(0, s_src)
     bsrc = torch.stack([local // (nbs[:, 1] * nbs[:, 2]), (local // nbs[:, 2]) % nbs[:, 1], local % nbs[:, 2]], dim=1)
+    # per-system table of bin offsets; half of them suffice: pairs found at offset
+    # o > 0 (lexicographic) are mirrored as (j, i, -S) below, offset 0 (same bin,
+    # no image) is searched fully
     span = 2 * reach_i + 1  # [S, 3]
-    n_off = span.prod(dim=1).index_select(0, s_src)  # [B]
+    n_full = span.prod(dim=1)
+    t_sys, q = _segment_arange(n_full, int(n_full.sum()))
+    sp = span.index_select(0, t_sys)
+    table = torch.stack([q // (sp[:, 1] * sp[:, 2]), (q // sp[:, 2]) % sp[:, 1], q % sp[:, 2]], dim=1)
+    table = table - reach_i.index_select(0, t_sys)
+    forward = (table[:, 0] > 0) | ((table[:, 0] == 0) & ((table[:, 1] > 0) | ((table[:, 1] == 0) & (table[:, 2] >= 0))))
+    fwd = torch.nonzero(forward).squeeze(1)
+    table, t_sys = table.index_select(0, fwd), t_sys.index_select(0, fwd)
+    n_fwd = torch.bincount(t_sys, minlength=n_sys)
+    table_start = _exclusive_cumsum(n_fwd)
+
+    n_off = n_fwd.index_select(0, s_src)  # [B]
     n_stage1 = int(n_off.sum())
     ent, q = _segment_arange(n_off, n_stage1)
     s_of = s_src.index_select(0, ent)
-    sp = span.index_select(0, s_of)
-    off = torch.stack([q // (sp[:, 1] * sp[:, 2]), (q // sp[:, 2]) % sp[:, 1], q % sp[:, 2]], dim=1)
-    off = off - reach_i.index_select(0, s_of)
+    off = table.index_select(0, table_start.index_select(0, s_of) + q)
     target = bsrc.index_select(0, ent) + off
     nbt = nb_i.index_select(0, s_of)
     per = pbc.index_select(0, s_of)
@@ -165,12 +177,9 @@ def torch_neighbor_list(
     count_b = torch.where(valid, bin_count.index_select(0, tgid), torch.zeros_like(tgid))
     sgid = src.index_select(0, ent)
     count_a = bin_count.index_select(0, sgid)
-    # half of the offsets suffice: pairs found at offset o > 0 (lexicographic) are
-    # mirrored as (j, i, -S) below; offset 0 (same bin, no image) is searched fully
-    forward = (off[:, 0] > 0) | ((off[:, 0] == 0) & ((off[:, 1] > 0) | ((off[:, 1] == 0) & (off[:, 2] >= 0))))
     mirror = (off != 0).any(dim=1)
     # keep (source bin, target bin) entries that hold atoms
-    live = torch.nonzero((count_b > 0) & forward).squeeze(1)
+    live = torch.nonzero(count_b > 0).squeeze(1)
     mirror = mirror.index_select(0, live)
     count_a, count_b = count_a.index_select(0, live), count_b.index_select(0, live)
     start_a = bin_start.index_select(0, sgid.index_select(0, live))
