@@ -132,6 +132,8 @@ PARSE_CASES = [
     ("eV", "meV", 1e3),
     ("MeV", "eV", 1e6),
     ("MPa", "Pa", 1e6),
+    ("mPa", "Pa", 1e-3),
+    ("meV", "MeV", 1e-9),
     ("kcal / mol", "kcal/mol", 1.0),
     ("eV/(Ang^3)", "eV/Ang^3", 1.0),
 ]
