@@ -5,7 +5,7 @@
     `spkserve ipi BUNDLE` against ASE's `SocketClient` wrapping SchNetPack 2.2's
     `SpkCalculator` (same architecture and sizes, skin neighbor list with a 2 Å
     shell, run in /work/bench-venv), and against ASE's SocketClient wrapping our
-    own `BundleCalculator`. Steps/s between step 50 and the last step, read
+    own `BundleCalculator`. Steps/s between step 30 and the last step, read
     off i-PI's flushed properties file. Runs interleaved A B C A B C ...
 (2) Socket overhead per call for 9 atoms: a minimal i-PI server loop in this
     process (POSDATA+GETFORCE -> FORCEREADY over a unix socket) with
@@ -86,6 +86,11 @@ _OUR_ASE_CLIENT = textwrap.dedent(
 )
 
 
+def client_env(threads: int) -> dict:
+    """Environment giving every client process the same torch/OpenMP thread count."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def _ipi_xml(prefix: str, address: str, steps: int, nbeads: int, batch_size: int, stride: int) -> str:
     return f"""<simulation verbosity="quiet" safe_stride="1000000" sockets_prefix="{prefix}">
   <output prefix="sim">
@@ -141,8 +146,15 @@ def _last_step(path: Path) -> int:
         return -1
 
 
-def run_ipi(clients: list[list[str]], steps: int, nbeads: int = 1, batch_size: int = 1, warm: int = 50, stride: int = 10) -> float:
-    """Run i-PI with the given client commands ({addr} is replaced); steps/s after ``warm`` steps."""
+def run_ipi(
+    clients: list[list[str]], steps: int, env: dict, nbeads: int = 1, batch_size: int = 1, warm: int = 50,
+    stride: int = 10, prestart_s: float = 0.0,
+) -> float:
+    """Run i-PI with the given client commands ({addr} is replaced); steps/s after ``warm`` steps.
+
+    With ``prestart_s`` > 0 the clients start first (they retry connecting) and i-PI
+    only after that many seconds, so that all of them are connected from the first step.
+    """
     work = Path(tempfile.mkdtemp(prefix="spkbench", dir="/tmp"))
     procs: list[subprocess.Popen] = []
     try:
@@ -151,11 +163,24 @@ def run_ipi(clients: list[list[str]], steps: int, nbeads: int = 1, batch_size: i
         addr = f"spkbench_{os.getpid()}_{work.name}"
         (work / "input.xml").write_text(_ipi_xml("/tmp/ipi_", addr, steps, nbeads, batch_size, stride))
         log = open(work / "ipi.log", "w")
-        ipi = subprocess.Popen([str(VENV_BIN / "i-pi"), "input.xml"], cwd=work, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(ipi)
+
+        def start_ipi() -> subprocess.Popen:
+            proc = subprocess.Popen([str(VENV_BIN / "i-pi"), "input.xml"], cwd=work, stdout=log, stderr=subprocess.STDOUT)
+            procs.insert(0, proc)
+            return proc
+
+        if not prestart_s:
+            ipi = start_ipi()
+            while not os.path.exists(f"/tmp/ipi_{addr}"):  # ASE's SocketClient does not retry connecting
+                if ipi.poll() is not None:
+                    raise RuntimeError(f"i-PI failed: {(work / 'ipi.log').read_text()[-2000:]}")
+                time.sleep(0.05)
         for cmd in clients:
             cmd = [c.replace("{addr}", addr).replace("{species}", ",".join(symbols)) for c in cmd]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work, env=env))
+        if prestart_s:
+            time.sleep(prestart_s)
+            ipi = start_ipi()
         out = work / "sim.out"
         t_warm = None
         deadline = time.monotonic() + 1200
@@ -221,7 +246,7 @@ def make_models(work: Path) -> dict[str, Path]:
     return paths
 
 
-def socket_overhead(bundle: Path, symbols: list[str], positions_A: np.ndarray, calls: int, blocks: int) -> dict:
+def socket_overhead(bundle: Path, symbols: list[str], positions_A: np.ndarray, calls: int, blocks: int, env: dict) -> dict:
     """Round trip through `spkserve ipi` vs in-process evaluation, interleaved in blocks."""
     from spkserve import units
     from spkserve.ipi import protocol as P
@@ -241,7 +266,7 @@ def socket_overhead(bundle: Path, symbols: list[str], positions_A: np.ndarray, c
     srv.listen(1)
     client = subprocess.Popen(
         [str(VENV_BIN / "spkserve"), "ipi", str(bundle), "--unix", path, "--species", ",".join(symbols), "--pbc", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     conn, _ = srv.accept()
     conn.sendall(P.STATUS)
@@ -303,8 +328,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["nve", "overhead", "pimd"], default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every client (and of in-process runs)")
     args = ap.parse_args()
-    steps_nve, repeats, steps_pimd = (250, 1, 80) if args.quick else (600, 3, 150)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    env = client_env(args.threads)
+    steps_nve, repeats, steps_pimd = (120, 1, 30) if args.quick else (250, 2, 40)
     work = Path(tempfile.mkdtemp(prefix="spkbenchmodels", dir="/tmp"))
     lines = []
     load_before = open("/proc/loadavg").read().split()[:3]
@@ -326,7 +356,7 @@ def main() -> None:
                         cmd = ase_ours
                     else:
                         cmd = [str(BENCH_PY), str(work / "spk_client.py"), str(paths["spk"]), str(ETHANOL), "{addr}", str(CUTOFF)]
-                    sps = run_ipi([cmd], steps_nve, warm=50)
+                    sps = run_ipi([cmd], steps_nve, env, warm=30)
                     results[name].append(sps)
                     print(f"NVE {name}: {sps:.1f} steps/s", flush=True)
             base = np.median(results["spkserve ipi"])
@@ -346,7 +376,7 @@ def main() -> None:
             for key, label in (("lj", "Lennard-Jones (float64)"), ("schnet", "SchNet (float32)")):
                 if key not in paths:
                     continue
-                o = socket_overhead(paths[key], atoms.get_chemical_symbols(), atoms.positions, 200 if not args.quick else 50, 5 if not args.quick else 2)
+                o = socket_overhead(paths[key], atoms.get_chemical_symbols(), atoms.positions, 200 if not args.quick else 50, 5 if not args.quick else 2, env)
                 lines.append(
                     f"| {label} | {o['socket_us']:.0f} ({o['socket_range'][0]:.0f}–{o['socket_range'][1]:.0f}) "
                     f"| {o['local_us']:.0f} ({o['local_range'][0]:.0f}–{o['local_range'][1]:.0f}) "
@@ -362,9 +392,9 @@ def main() -> None:
                 "16 client processes": ([ours] * 16, 1),
                 "one client, beads one by one": ([ours], 1),
             }
-            for r in range(max(1, repeats - 1)):
+            for r in range(repeats):
                 for name, (clients, bs) in cases.items():
-                    sps = run_ipi(clients, steps_pimd, nbeads=16, batch_size=bs, warm=20, stride=5)
+                    sps = run_ipi(clients, steps_pimd, env, nbeads=16, batch_size=bs, warm=10, stride=2, prestart_s=40.0)
                     res.setdefault(name, []).append(sps)
                     print(f"PIMD16 {name}: {sps:.2f} steps/s", flush=True)
             ref = np.median(res["16 client processes"])
@@ -381,7 +411,8 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/ipi.py{' --quick' if args.quick else ''}`"
         + (f" `--only {args.only}`" if args.only else ""),
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs; "
-        f"load average before {' '.join(load_before)}, after {' '.join(load_after)}. i-PI 3.3.1, unix sockets.",
+        f"load average before {' '.join(load_before)}, after {' '.join(load_after)}. i-PI 3.3.1, unix sockets, "
+        f"{args.threads} torch thread(s) per client.",
         "",
     ]
     text = "\n".join(header + lines)
