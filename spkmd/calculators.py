@@ -318,6 +318,16 @@ class BundleCalculator(ProviderCalculator):
         self.model_file = str(path)
         super().__init__(runner, properties=properties, stress=stress)
 
+    def to(self, device=None, dtype=None) -> "BundleCalculator":
+        """Move the model (``Simulator.to`` calls this): results then come in ``dtype``."""
+        runner = self.provider
+        runner.model.to(device=device, dtype=dtype)
+        if device is not None:
+            runner.device = torch.device(device)
+        if dtype is not None:
+            runner.dtype = dtype
+        return self
+
 
 class EnsembleCalculator(Calculator):
     """Mean and spread of several providers (e.g. bundles trained with different seeds).

@@ -166,3 +166,5 @@ def test_remove_com_hook_books_energy_and_to_float32(lj_calc):
     sim.to(dtype=torch.float32)
     sim.simulate(3)
     assert s.positions.dtype == s.forces.dtype == s.momenta.dtype == torch.float32
+    assert lj_calc.provider.dtype == torch.float32
+    sim.to(dtype=torch.float64)  # the calculator is shared with other tests
