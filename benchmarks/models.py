@@ -109,7 +109,13 @@ def spk_call(model, inputs):
     return model(dict(inputs))
 
 
+def ours_compiled_model(kind: str):
+    """Our model under torch.compile (inductor, dynamic shapes: pair counts change in MD)."""
+    return torch.compile(ours_model(kind), dynamic=True)
+
+
 IMPLS = {"ours": (ours_model, ours_inputs, ours_call), "schnetpack": (spk_model, spk_inputs, spk_call)}
+COMPILED = {"ours_compiled": (ours_compiled_model, ours_inputs, ours_call)}
 
 
 def one_call_seconds(impl: str, model, inputs) -> float:
@@ -141,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ethanol and 192 atoms only")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--compiled", action="store_true", help="also time our ethanol models under torch.compile")
     ap.add_argument("--rss", nargs=3, metavar=("IMPL", "SYSTEM", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.md"))
     args = ap.parse_args()
@@ -152,18 +159,21 @@ def main() -> None:
 
     systems = ["ethanol", "water192"] if args.quick else list(SYSTEMS)
     rows = []
+    if args.compiled:
+        IMPLS.update(COMPILED)
     for system in systems:
         atoms = load_system(system)
         for kind in ("schnet", "painn"):
-            models = {impl: IMPLS[impl][0](kind) for impl in IMPLS}
-            inputs = {impl: IMPLS[impl][1](atoms) for impl in IMPLS}
-            e = {i: float(IMPLS[i][2](models[i], inputs[i])["energy"].sum()) for i in IMPLS}  # warm-up
-            times: dict[str, list[float]] = {i: [] for i in IMPLS}
+            impls = [i for i in IMPLS if system == "ethanol" or i != "ours_compiled"]
+            models = {impl: IMPLS[impl][0](kind) for impl in impls}
+            inputs = {impl: IMPLS[impl][1](atoms) for impl in impls}
+            e = {i: float(IMPLS[i][2](models[i], inputs[i])["energy"].sum()) for i in impls}  # warm-up
+            times: dict[str, list[float]] = {i: [] for i in impls}
             for _ in range(N_CALLS[system]):
-                for impl in IMPLS:
+                for impl in impls:
                     times[impl].append(one_call_seconds(impl, models[impl], inputs[impl]))
             med = {i: statistics.median(t) * 1e3 for i, t in times.items()}
-            rss = {} if args.no_rss else {i: measure_rss(i, system, kind) for i in IMPLS}
+            rss = {} if args.no_rss else {i: measure_rss(i, system, kind) for i in ("ours", "schnetpack")}
             row = dict(
                 system=f"{system} ({len(atoms)} atoms, {inputs['ours']['pair_i'].numel()} pairs)",
                 model=kind,
@@ -172,6 +182,10 @@ def main() -> None:
                 speedup=f"{med['schnetpack'] / med['ours']:.2f}x",
                 rss="" if not rss else f"{rss['ours']:.0f} / {rss['schnetpack']:.0f} ({rss['ours']/rss['schnetpack']:.2f})",
             )
+            if "ours_compiled" in times:
+                t = times["ours_compiled"]
+                mc = statistics.median(t) * 1e3
+                row["compiled"] = f"{mc:.2f} ({min(t)*1e3:.2f}-{max(t)*1e3:.2f}), {med['schnetpack'] / mc:.2f}x"
             rows.append(row)
             print(row, "energies", e, flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -183,10 +197,15 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, load average at the end {' '.join(load)}.  ",
         "Medians of interleaved calls in ms (min-max); peak RSS (MB) of a fresh process per case, ours / SchNetPack (ratio).",
         "",
-        "| system | model | ours ms | SchNetPack ms | speed-up | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Ours compiled: `torch.compile(model, dynamic=True)` (inductor), timed after compilation, ms and speed-up.",
+        "",
+        "| system | model | ours ms | SchNetPack ms | speed-up | peak RSS MB | ours compiled |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['system']} | {r['model']} | {r['ours']} | {r['spk']} | {r['speedup']} | {r['rss']} |" for r in rows]
+    lines += [
+        f"| {r['system']} | {r['model']} | {r['ours']} | {r['spk']} | {r['speedup']} | {r['rss']} | {r.get('compiled', '')} |"
+        for r in rows
+    ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from spkserve import keys
 from spkserve.model import AtomisticModel
-from spkserve.nn.geometry import pair_geometry, scatter_sum
+from spkserve.nn.geometry import _is_compiling, pair_geometry, scatter_sum
 
 
 class NeuralNetworkPotential(AtomisticModel):
@@ -135,12 +135,14 @@ class NeuralNetworkPotential(AtomisticModel):
             results = {k: v for k, v in results.items() if k in properties}
         else:
             # memory-lean fused backward only when no graph of the derivatives is kept
-            if hasattr(self.representation, "use_fused"):
+            # (never inside torch.compile, which fuses by itself)
+            toggle = hasattr(self.representation, "use_fused") and not _is_compiling()
+            if toggle:
                 self.representation.use_fused = not (create_graph or self.training)
             try:
                 results = super().forward(inputs, properties, create_graph)
             finally:
-                if hasattr(self.representation, "use_fused"):
+                if toggle:
                     self.representation.use_fused = False
         if self.cast_float64:
             results = {k: v.double() for k, v in results.items()}
