@@ -183,12 +183,8 @@ class System:
 
     @property
     def masses3(self) -> torch.Tensor:
-        """Masses broadcastable against positions.  [1, N, 1]"""
-        m = getattr(self, "_masses3", None)
-        if m is None or m.dtype != self.masses.dtype or m.device != self.masses.device or m.shape[1] != self.masses.shape[0]:
-            m = self.masses.view(1, -1, 1)
-            object.__setattr__(self, "_masses3", m)
-        return m
+        """Masses broadcastable against positions (a view).  [1, N, 1]"""
+        return self.masses.view(1, -1, 1)
 
     # ------------------------------------------------------------------ reductions
     def sum_molecules(self, x: torch.Tensor) -> torch.Tensor:
