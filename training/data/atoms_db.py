@@ -418,7 +418,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
         if self._memory is not None:
             return
         memory: dict[int, Sample] = {}
-        for row in self._db().select():
+        for row in self._reader().select():
             memory[row.id - 1] = self._row_to_sample(row)
         self._memory = memory
 
@@ -469,11 +469,11 @@ class ASEAtomsData(torch.utils.data.Dataset):
             return
         wanted = set(int(r) for r in self.indices)
         if len(wanted) == self._db_len and np.all(self.indices == np.arange(self._db_len)):
-            for row in self._db().select():
+            for row in self._reader().select():
                 yield self._row_to_sample(row)
         else:
             cache = {}
-            for row in self._db().select():
+            for row in self._reader().select():
                 if row.id - 1 in wanted:
                     cache[row.id - 1] = self._row_to_sample(row)
             for r in self.indices:
