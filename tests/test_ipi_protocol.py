@@ -341,3 +341,20 @@ def test_tcp_sockets_get_nodelay():
     finally:
         sock.close()
         srv.close()
+
+
+def test_ipi_command_refuses_unknown_species_before_connecting(tmp_path):
+    from click.testing import CliRunner
+
+    from spkserve.cli import main
+    from spkserve.potentials import reference_bundle
+
+    argon_only = reference_bundle("lj", tmp_path / "ar.bundle", species=[18], sigma=3.4, epsilon=0.0104, cutoff=8.5)
+    runner = CliRunner()
+    out = runner.invoke(main, ["ipi", str(argon_only), "--unix", str(tmp_path / "nobody"), "--species", "Ar,H", "--connect-timeout", "30"])
+    assert out.exit_code != 0
+    assert "1 (H)" in out.output and "not among the bundle's species" in out.output
+    out = runner.invoke(main, ["ipi", str(argon_only), "--unix", "x"])
+    assert out.exit_code != 0 and "--template FILE or --species" in out.output
+    out = runner.invoke(main, ["ipi", str(argon_only), "--species", "Ar"])
+    assert out.exit_code != 0 and "--unix NAME or --port N" in out.output

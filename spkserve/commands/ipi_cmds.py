@@ -47,16 +47,18 @@ def ipi(bundle, unix, host, port, template, species, workers, dtype, device, pbc
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="spkserve ipi: %(message)s")
     numbers = _species(template, species)
     address = _address(unix, host, port)
+    from spkserve.bundle import BundleError
     from spkserve.ipi.client import ClientError, run_client
+    from spkserve.provider import ProviderError
     from spkserve.runtime import ModelRunner
 
-    runner = ModelRunner(bundle, dtype=dtype, device=device)
     try:
+        runner = ModelRunner(bundle, dtype=dtype, device=device)
         run_client(
             runner, numbers, address, workers=workers, pbc={"auto": "auto", "yes": True, "no": False}[pbc],
             connect_timeout_s=connect_timeout, gather_window_s=gather_ms * 1e-3,
         )
-    except ClientError as err:
+    except (ClientError, ProviderError, BundleError) as err:
         raise click.ClickException(str(err)) from err
 
 

@@ -68,6 +68,9 @@ class BundleEvaluator:
         self.numbers = np.asarray(numbers, dtype=np.int64)
         if self.numbers.ndim != 1 or len(self.numbers) == 0:
             raise ValueError("numbers must be a non-empty list of atomic numbers")
+        bundle = getattr(runner, "bundle", None)
+        if bundle is not None:  # refuse unknown elements before any server is contacted
+            bundle.check_species(self.numbers)
         if pbc not in ("auto", True, False):
             raise ValueError(f"pbc must be 'auto', True or False, got {pbc!r}")
         self.pbc = pbc

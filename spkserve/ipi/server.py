@@ -224,10 +224,6 @@ class IPIServer:
         self._status(ident, conn)
         conn.sendall(P.pack_posdata(job.cell_bohr[None], job.positions_bohr[None]) + P.GETFORCE)
         hdr = P.read_header(conn)
-        if hdr == P.STATUS or hdr not in P.KNOWN_HEADERS:
-            raise P.ProtocolError("expected FORCEREADY after POSDATA+GETFORCE", hdr)
-        if hdr == P.HAVEDATA:  # a driver that answers the pipelined exchange with a status first
-            hdr = P.read_header(conn)
         if hdr != P.FORCEREADY:
             raise P.ProtocolError("expected FORCEREADY after POSDATA+GETFORCE", hdr)
         n = len(job.positions_bohr)
