@@ -129,7 +129,20 @@ class Barostat(Hook):
         """Cell momenta etc."""
 
     def on_simulation_start(self, simulator) -> None:
-        self.setup(simulator.system, simulator.integrator.time_step, simulator.generator)
+        integ = simulator.integrator
+        if not hasattr(integ, "barostat"):
+            raise BarostatError(
+                f"a barostat needs an NPT integrator, the simulator has {type(integ).__name__}; "
+                "use spkmd.npt.NPTVelocityVerlet / RingPolymerNPT (CLI: dynamics/integrator=npt or rpmd_npt)"
+            )
+        if integ.barostat is None:
+            from spkmd.npt import check_temperatures
+
+            check_temperatures(integ, self)
+            integ.barostat = self
+        elif integ.barostat is not self:
+            raise BarostatError("the NPT integrator holds a different barostat than the one in the hooks; pass the same object")
+        self.setup(simulator.system, integ.time_step, simulator.generator)
         self._system = simulator.system
 
     # -------------------------------------------------------------------- the step

@@ -13,6 +13,8 @@ from spkmd.rpmd.thermostats import (
     PILELocal,
 )
 
+from spkmd.rpmd import _register  # noqa: F401,E402  (config builders for spkmd.factory)
+
 __all__ = [
     "FreeRingPolymerPropagator", "NHCNormalModes", "PIGLET", "PILEGlobal", "PILELocal", "RPMDGLE",
     "RPMD_THERMOSTATS", "RingPolymerError", "RingPolymerEstimators", "RingPolymerIntegrator", "TRPMD",

@@ -59,10 +59,12 @@ class RingPolymerIntegrator(VelocityVerlet):
         scheme: ``"exact"`` free ring-polymer propagation or ``"cayley"`` (strongly stable).
         n_beads: if given, the setup is checked now; else on the first step.
         require_even: refuse odd bead numbers (for schemes or analyses that pair beads).
+        estimators: write the path-integral estimators (:mod:`spkmd.rpmd.estimators`) into
+            ``system.properties`` after every force call, so loggers record them.
     """
 
     def __init__(self, time_step_fs: float, temperature_K: float, scheme: str = "exact",
-                 n_beads: int | None = None, require_even: bool = False) -> None:
+                 n_beads: int | None = None, require_even: bool = False, estimators: bool = True) -> None:
         super().__init__(time_step_fs)
         if not (isinstance(temperature_K, (int, float)) and temperature_K > 0 and math.isfinite(temperature_K)):
             raise RingPolymerError(f"temperature_K must be a positive number, got {temperature_K!r}")
@@ -71,6 +73,7 @@ class RingPolymerIntegrator(VelocityVerlet):
         self.temperature_K = float(temperature_K)
         self.scheme = scheme
         self.require_even = bool(require_even)
+        self.estimators = bool(estimators)
         self.propagator: FreeRingPolymerPropagator | None = None
         if n_beads is not None:
             check_ring_polymer_setup(n_beads, self.temperature_K, self.time_step_fs, scheme, self.require_even)
@@ -99,8 +102,27 @@ class RingPolymerIntegrator(VelocityVerlet):
     def drift(self, system: System) -> None:
         self.setup(system).propagate(system.positions, system.momenta, system.masses3)
 
+    def half_step(self, system: System) -> None:
+        super().half_step(system)
+        if self.estimators:
+            self.update_estimators(system)
+
+    def update_estimators(self, system: System) -> None:
+        """Add the estimators to ``system.properties`` (after a force call)."""
+        from spkmd.rpmd.estimators import estimate
+
+        props = dict(system.properties)
+        props.update(estimate(system, self.temperature_K))
+        system.properties = props
+
     def energy_contribution(self, system: System) -> torch.Tensor:
-        """Spring energy ½ m ω_P² |q_j − q_{j+1}|² of bead j, per molecule, Hartree.  [P, M]"""
+        """Spring energy ½ m ω_P² |q_j − q_{j+1}|² of bead j, per molecule, Hartree.  [P, M]
+
+        (Workaround for the first logged frame, which follows a bare calculator call:
+        if the estimators are missing from ``system.properties`` they are added here.)
+        """
+        if self.estimators and system.forces is not None and "kinetic_energy_centroid_virial" not in system.properties:
+            self.update_estimators(system)
         return system.sum_molecules(spring_energy(system.positions, system.masses3, self.omega_p(system)))
 
     def to(self, device=None, dtype=None) -> "RingPolymerIntegrator":
