@@ -243,6 +243,8 @@ def main() -> None:
     lines.append("System: ethanol (9 atoms), energy + forces, one structure per request. Server: `spkserve serve "
                  "--torch-threads 1` (window 500 µs, or `--no-batching`), each client its own process.\n")
     lines.append("## Throughput (structures/s; median of repeats, min–max in brackets)\n")
+    lines.append("With one client nothing can be merged (the server does not wait when every connected client "
+                 "already has a request queued), so the 1-client rows differ by noise only.\n")
     lines.append("| model | clients | batching on | batching off | on/off |")
     lines.append("| --- | --- | --- | --- | --- |")
     for name, results in rows:

@@ -97,6 +97,21 @@ def test_metadata_health_stats(server, lj_bundle):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
 
 
+def test_dtype_option_reaches_the_runner(lj_bundle, runner):
+    from spkserve.runtime import ModelRunner
+
+    atoms = argon_cluster(8, seed=11)
+    expected = str(ModelRunner(lj_bundle, dtype="float32").dtype).replace("torch.", "")
+    with running_server(lj_bundle, dtype="float32") as srv:
+        with client_for(srv) as c:
+            assert c.metadata()["dtype"] == expected
+            r = c.compute(atoms)
+    ref = _reference(runner, [atoms], ("energy", "forces"))
+    assert r["forces"].dtype == np.float64  # always float64 on the wire
+    np.testing.assert_allclose(r["energy"], ref["energy"][0], rtol=1e-5)
+    np.testing.assert_allclose(r["forces"], ref["forces"], rtol=1e-4, atol=1e-6)
+
+
 def test_remote_provider_is_a_force_provider(server, runner):
     from spkserve.provider import ForceProvider
 
