@@ -342,3 +342,38 @@ def test_spkmd_integrates_with_forces_from_ase_socketclients(lj_bundle):
     assert (direct.positions - start).abs().max() > 0.05  # the atoms moved: the comparison is not trivial
     # conserved energy flat compared with the kinetic energy the atoms carry
     assert (conserved - conserved[0]).abs().max() < 1e-3 * direct.kinetic_energy().abs().max()
+
+
+@pytest.mark.peer
+def test_py_driver_with_spkserve_pes_module(lj_bundle, tmp_path):
+    """`i-pi-py_driver -m custom -P spkserve/ipi/pes.py` answers with the bundle (periodic, with stress)."""
+    from ase.build import bulk
+
+    import spkserve.ipi.pes as pes_module
+    from spkserve.runtime import ModelRunner
+
+    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat(2)
+    atoms.write(tmp_path / "t.xyz")
+    name = _name("pes")
+    rng = np.random.default_rng(2)
+    structs = []
+    for _ in range(3):
+        a = atoms.copy()
+        a.positions += rng.normal(0, 0.1, a.positions.shape)
+        structs.append(Structure.from_atoms(a))
+    with IPIServerProvider(unix=name, n_atoms=len(atoms), timeout_s=60) as prov:
+        driver = subprocess.Popen(
+            [str(IPI_PY_DRIVER), "-u", "-a", name, "-m", "custom", "-P", pes_module.__file__,
+             "-o", f"bundle={lj_bundle},template={tmp_path / 't.xyz'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            prov.server.wait_for_drivers(1, 60)
+            out = prov.compute(structs, ("energy", "forces", "stress"))
+        finally:
+            prov.close()
+            _, err = driver.communicate(timeout=20)
+    assert driver.returncode == 0, err
+    ref = ModelRunner(lj_bundle).compute(structs, ("energy", "forces", "stress"))
+    for k in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(out[k].numpy(), ref[k].numpy(), rtol=1e-10, atol=1e-13)
