@@ -72,6 +72,11 @@ def test_print_config_and_bundle_options(tmp_path):
                "dynamics.n_steps=5", "precision=32", "plots=false")
     assert r.exit_code == 0, r.output
     assert "thermostat" not in OmegaConf.load(tmp_path / "x" / "config.yaml").dynamics
+    # any ForceProvider imported by name (remote servers plug in the same way)
+    r = invoke(f"simulation_dir={tmp_path / 'p'}", "calculator=provider", "calculator.provider=spkserve.runtime:ModelRunner",
+               f"+calculator.params.bundle={trap}", "dynamics.n_steps=4", "plots=false")
+    assert r.exit_code == 0, r.output
+    assert HDF5Loader(tmp_path / "p" / "simulation.hdf5").steps[-1] == 4
 
 
 def test_clear_errors(tmp_path):
