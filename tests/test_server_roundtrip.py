@@ -195,6 +195,22 @@ def test_batches_respect_atom_limit_and_batching_off(lj_bundle):
     assert stats["batches"] == 4 and stats["mean_batch_requests"] == 1
 
 
+def test_clients_taking_turns_stop_paying_the_window(lj_bundle):
+    from spkserve.server.batching import FUTILE_LIMIT, PROBE_EVERY
+
+    n = 48
+    with running_server(lj_bundle, batch_window_us=100_000) as srv:
+        clients = [client_for(srv).connect() for _ in range(3)]
+        for k in range(n):  # three connections used in turn by one thread, like NEB images
+            clients[k % 3].compute(ethanol())
+        stats = clients[0].stats()
+        [c.close() for c in clients]
+    assert stats["batches"] == n and stats["window_expired"] == stats["window_waits"]
+    # without adaptation all 48 would wait 100 ms; with it: FUTILE_LIMIT, then one probe per PROBE_EVERY
+    assert stats["window_waits"] <= FUTILE_LIMIT + (n - FUTILE_LIMIT) // PROBE_EVERY + 1
+    assert stats["window_waits"] >= FUTILE_LIMIT
+
+
 def test_different_property_sets_are_not_merged(lj_bundle, runner):
     crystals = [argon_crystal(seed=k) for k in range(4)]
     props = lambda k: ("energy", "forces", "stress") if k % 2 else ("energy", "forces")  # noqa: E731

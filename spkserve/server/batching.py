@@ -10,6 +10,12 @@ other connected client could still send one (each connection has at most one
 request in flight). While the model is busy, new requests queue up and form
 the next batch.
 
+The wait adapts to how clients behave: after :data:`FUTILE_LIMIT` windows in a
+row that expired with nobody joining (clients that take turns, e.g. the images
+of an ASE NEB on one thread), requests stop waiting, except one in
+:data:`PROBE_EVERY` that still probes; as soon as requests queue up together
+again (a batch of more than one forms), waiting resumes.
+
 If a merged batch fails, each of its requests is evaluated alone, so an error
 reaches only the request that caused it.
 """
@@ -25,6 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger("spkserve.server")
+
+#: windows in a row that expire without company before waiting is switched off
+FUTILE_LIMIT = 8
+#: while switched off, one request in this many still waits (to notice concurrency)
+PROBE_EVERY = 16
 
 #: evaluate(structures, properties) -> one dict of results per structure
 EvaluateFn = Callable[[Sequence[Any], tuple[str, ...]], list[dict]]
@@ -79,6 +90,11 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._futile = 0  # windows in a row that expired with nobody joining
+        self._skipped = 0  # requests that did not wait since the last probe
+        #: how many requests waited for company, and how many of those windows expired
+        self.window_waits = 0
+        self.window_expired = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -150,20 +166,33 @@ class DynamicBatcher:
         self._pending = keep
         return batch
 
-    async def _wait_for_company(self, first: _Item) -> None:
+    async def _wait_for_company(self, first: _Item) -> bool:
+        """Wait for more requests; True if the window expired (rather than filled up)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + max(0.0, self._window_s - (time.monotonic() - first.arrival))
         while not self._closing and not self._full(first):
             if self._idle_clients is not None and self._idle_clients() <= 0:
-                return
+                return False
             remaining = end - loop.time()
             if remaining <= 0:
-                return
+                return True
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
-                return
+                return True
+        return False
+
+    def _should_wait(self) -> bool:
+        if self._window_s <= 0 or self._max_requests <= 1:
+            return False
+        if self._futile < FUTILE_LIMIT:
+            return True
+        self._skipped += 1
+        if self._skipped >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        return False
 
     async def _run(self) -> None:
         while True:
@@ -174,9 +203,16 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             first = next(it for it in self._pending if not it.future.done())
-            if self._window_s > 0 and self._max_requests > 1:
-                await self._wait_for_company(first)
+            expired = False
+            if self._should_wait():
+                self.window_waits += 1
+                expired = await self._wait_for_company(first)
+                self.window_expired += int(expired)
             batch = self._take(first)
+            if len(batch) > 1:
+                self._futile = 0
+            elif expired and batch:
+                self._futile += 1
             if batch:
                 await self._run_batch(batch)
 

@@ -483,7 +483,7 @@ class ModelServer:
             if req.op == "health":
                 return P.ok_reply(rid, self._health()), False
             if req.op == "stats":
-                return P.ok_reply(rid, self.stats.snapshot()), False
+                return P.ok_reply(rid, self._stats()), False
             raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}")  # parse_request prevents this
         except P.ProtocolError as err:
             self._reject(conn.peer, err.code, err.message)
@@ -518,6 +518,12 @@ class ModelServer:
                 "limits": cfg.limits.as_dict(),
             },
         }
+
+    def _stats(self) -> dict:
+        snap = self.stats.snapshot()
+        snap["window_waits"] = self._batcher.window_waits
+        snap["window_expired"] = self._batcher.window_expired
+        return snap
 
     def _health(self) -> dict:
         return {
