@@ -50,6 +50,16 @@ def test_array_roundtrip_keeps_dtype_shape_values(arr):
     out[...] = 0 if out.size else out  # decoded arrays are writable copies
 
 
+def test_client_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, spkserve.server.client, spkserve.server.protocol; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_array_refuses_unsupported_dtypes_on_send():
     with pytest.raises(TypeError, match="complex128"):
         P.pack({"a": np.zeros(2, dtype=complex)})

@@ -121,6 +121,28 @@ def prepare_unix_path(path: str) -> None:
     raise ServerSetupError(f"another server is already listening on {path}")
 
 
+def _private_unix_socket(path: str) -> socket.socket:
+    """A listening unix socket at ``path`` that only this user can connect to (mode 0600).
+
+    It is bound under a temporary name, restricted, then renamed into place, so
+    there is no moment at which others could connect.
+    """
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(128)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class _Connection:
     __slots__ = ("reader", "writer", "peer", "authenticated", "computing", "task")
 
@@ -299,11 +321,7 @@ class ModelServer:
         cfg = self.config
         if cfg.unix_path is not None:
             prepare_unix_path(cfg.unix_path)
-            old_umask = os.umask(0o177)  # socket file 0600: only this user may connect
-            try:
-                server = await asyncio.start_unix_server(self._on_connect, path=cfg.unix_path)
-            finally:
-                os.umask(old_umask)
+            server = await asyncio.start_unix_server(self._on_connect, sock=_private_unix_socket(cfg.unix_path))
             self._address = cfg.unix_path
         else:
             try:
