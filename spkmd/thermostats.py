@@ -356,12 +356,12 @@ class NoseHooverChain(Thermostat):
 _UNIT_WORDS = {
     "picoseconds^-1": "1/ps", "ps^-1": "1/ps", "femtoseconds^-1": "1/fs", "fs^-1": "1/fs",
     "atomic time units^-1": "1/au_time", "atomic_unit": "1/au_time", "au": "1/au_time",
-    "a.u.": "1/au_time", "k": "K", "kelvin": "K", "ev": "eV", "hartree": "Hartree",
+    "a.u.": "1/au_time", "atomic units": "1/au_time", "k": "K", "kelvin": "K", "ev": "eV", "hartree": "Hartree",
     "cm^-1": None,
 }
 
 
-def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # noqa: E501
     """Read drift (A) and optional C matrices from a GLE4MD/i-PI style text file.
 
     The file holds whitespace-separated square matrices. Sections start with a
@@ -369,7 +369,8 @@ def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str |
     ``# A MATRIX: (picoseconds^-1)`` and ``# C MATRIX: (K)``; a file without
     section headers is one A matrix. Returns A in 1/au_time and C in Hartree
     (``None`` if absent). ``A_unit``/``C_unit`` override the units of the file
-    (default 1/au_time and K).
+    (default 1/au_time and K). A ``# D MATRIX`` section (diffusion, Hartree/au_time) is
+    turned into C by solving the Lyapunov equation A C + C Aᵀ = D.
     """
     path = Path(path)
     if not path.is_file():
@@ -411,7 +412,14 @@ def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str |
         c_unit = C_unit or unit_of.get("C") or "K"
         C = mats["C"] * (units.KB_HARTREE_PER_K if c_unit == "K" else units.factor(c_unit, "Hartree"))
     elif "D" in mats:
-        raise ThermostatError(f"{path}: give the C matrix (D alone is not supported from files; pass D= in Python)")
+        import scipy.linalg
+
+        D = mats["D"]
+        if unit_of.get("D") not in (None, "1/au_time"):
+            raise ThermostatError(f"{path}: give the D matrix in atomic units (Hartree/au_time)")
+        if D.shape != A.shape:
+            raise ThermostatError(f"{path}: D has shape {D.shape}, A has {A.shape}")
+        C = scipy.linalg.solve_continuous_lyapunov(A, D)
     return A, C
 
 

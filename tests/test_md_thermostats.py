@@ -141,6 +141,13 @@ def test_gle_file_and_checks(tmp_path):
     np.testing.assert_allclose(A_read, gle_matrix(TAU_FS), rtol=1e-10)
     assert C is None
     GLE(T0, A_file=f)
+    # D given instead of C: canonical D = kT (A + Aᵀ) must give back C = kT·1
+    kT = T0 * units.KB_HARTREE_PER_K
+    D = kT * (gle_matrix(TAU_FS) + gle_matrix(TAU_FS).T)
+    fd = tmp_path / "gle_d.a"
+    fd.write_text(f.read_text() + "# D MATRIX: (atomic units)\n" + "\n".join(" ".join(f"{x:.15e}" for x in row) for row in D) + "\n")
+    _, C_from_D = read_gle_matrices(fd)
+    np.testing.assert_allclose(C_from_D, kT * np.eye(2), rtol=1e-8, atol=1e-12 * kT)
     bad = tmp_path / "bad.a"
     bad.write_text("# A MATRIX: (femtoseconds^-1)\n-1 0\n0 1\n")
     with pytest.raises(ThermostatError, match="positive real parts"):
