@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/server.py                  # writes benchmarks/results/server.md
     .venv/bin/python benchmarks/server.py --quick          # fewer requests, for a smoke run
 
-Models: a randomly initialised PaiNN (128 features, 3 interactions, cutoff 5 Å,
+Models: ``spkserve/data/ethanol-painn.bundle`` if it exists, a randomly initialised PaiNN (128 features, 3 interactions, cutoff 5 Å,
 ``spkserve.nn.models.painn_energy_model``, float32) and the LJ reference bundle
 (σ 3.4 Å, ε 0.0104 eV, rc 8.5 Å, float64), both on ethanol (9 atoms).
 
@@ -75,7 +75,7 @@ def make_runner(kind: str, path: str):
 
     from spkserve.runtime import ModelRunner
 
-    if kind == "lj":
+    if kind in ("lj", "file"):
         return ModelRunner(path)
     from spkserve.bundle import LoadedBundle
     from spkserve.nn.models import painn_energy_model
@@ -206,6 +206,9 @@ def main() -> None:
 
         lj = reference_bundle("lj", d / "lj.bundle", sigma=3.4, epsilon=0.0104, cutoff=8.5)
         models = [("PaiNN (random, float32)", "painn", d / "none"), ("LJ reference (float64)", "lj", lj)]
+        trained = ROOT / "spkserve" / "data" / "ethanol-painn.bundle"
+        if trained.is_file():  # the shipped trained model, when it exists
+            models.insert(0, ("PaiNN trained on ethanol (spkserve/data/ethanol-painn.bundle)", "file", trained))
         rows, over_rows = [], []
         for name, kind, bundle in models:
             # per-call overhead against in-process evaluation
