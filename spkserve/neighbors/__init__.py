@@ -63,16 +63,15 @@ def _numpy_neighbor_list(
     P = pbc.cpu().numpy()
     C = complete_cell_numpy(cell.detach().cpu().double().numpy(), P)
     R = positions.detach().cpu().double().numpy()
+    dev, dtype = positions.device, positions.dtype
+    if P.shape[0] == 1:  # common case: no concatenation or index offsets
+        i, j, S = single(R, C[0], P[0], cutoff)
+        return _to_torch(i, j, S, dev, dtype)
+
     counts = n_atoms.cpu().numpy()
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     periodic = P.any(axis=1)
     mergeable = ~periodic & (counts <= MERGE_MAX_ATOMS) & (counts > 0)
-    dev, dtype = positions.device, positions.dtype
-
-    if len(counts) == 1:  # common case: no concatenation or index offsets
-        i, j, S = single(R, C[0], P[0], cutoff)
-        return _to_torch(i, j, S, dev, dtype)
-
     ii, jj, ss = [], [], []
     if mergeable.sum() > 1:
         i, j = merged_non_periodic(R, starts[mergeable], counts[mergeable], cutoff, single)
@@ -93,9 +92,12 @@ def _numpy_neighbor_list(
     return _to_torch(np.concatenate(ii), np.concatenate(jj), np.concatenate(ss), dev, dtype)
 
 
+_NUMPY_FLOAT = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
 def _to_torch(i: np.ndarray, j: np.ndarray, S: np.ndarray, device: torch.device, dtype: torch.dtype):
     """int64 indices and float shifts as torch tensors, one conversion pass each."""
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if dtype in (torch.float32, torch.float64) else np.float64
+    np_dtype = _NUMPY_FLOAT.get(dtype, np.float64)
     return (
         torch.from_numpy(np.ascontiguousarray(i, dtype=np.int64)).to(device),
         torch.from_numpy(np.ascontiguousarray(j, dtype=np.int64)).to(device),
