@@ -15,7 +15,7 @@ import torch
 
 from spkserve import keys, units
 from spkserve.batch import Structure, collate
-from spkserve.bundle import BundleError, LoadedBundle, load_bundle
+from spkserve.bundle import BundleError, LoadedBundle, load_bundle, parse_dtype
 import functools
 
 from spkserve.neighbors import neighbor_list
@@ -47,15 +47,15 @@ class ModelRunner:
         neighbor_backend: str = "vesin",
         compile: bool = False,
     ) -> None:
+        want = parse_dtype(dtype)
         if not isinstance(bundle, LoadedBundle):
-            bundle = load_bundle(bundle, dtype=dtype, device=device)
-        elif dtype is not None or torch.device(device) != next(iter(bundle.model.buffers()), torch.empty(0)).device:
-            from spkserve.bundle import parse_dtype
-
-            bundle.model.to(device=device, dtype=parse_dtype(dtype) or bundle.dtype)
+            bundle = load_bundle(bundle, dtype=want, device=device)
+        else:
+            bundle.model.to(device=device, dtype=want or bundle.dtype)
         self.bundle = bundle
         self.device = torch.device(device)
-        self.dtype = bundle.dtype
+        # the requested dtype wins, also for analytic models without float weights
+        self.dtype = want or bundle.dtype
         self.model = torch.compile(bundle.model) if compile else bundle.model
         self._species = torch.zeros(119, dtype=torch.bool)
         self._species[torch.tensor(bundle.species)] = True
