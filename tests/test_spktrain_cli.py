@@ -114,6 +114,11 @@ def test_train_export_eval_round_trip(tmp_path, monkeypatch):
     assert "10 systems" in res.output
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # any ASE-readable file works too (imported on the fly, values in eV, eV/Ang, Ang)
+    res = _invoke("eval", str(tmp_path / "m.bundle"), str(tmp_path / "eth.extxyz"), "--plot", str(tmp_path / "all.png"))
+    assert res.exit_code == 0, res.output
+    assert "40 systems" in res.output and (tmp_path / "all.png").exists()
+
     # resume a finished run for more epochs
     res = _invoke("resume", str(run), "trainer.max_epochs=3")
     assert res.exit_code == 0, res.output

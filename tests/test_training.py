@@ -182,7 +182,7 @@ def test_export_matches_checkpoint_in_float64_and_uses_ema(trained_run, tmp_path
     assert torch.allclose(loaded.model.state_dict()[name].float(), ckpt["ema"]["shadow"][name])
 
     reference = load_run_model(trained_run).double()
-    db = Path(json.loads((trained_run / "data_info.json").read_text())["datapath"])
+    db = Path(json.loads((trained_run / "data_info.json").read_text())["database"])
     data = ASEAtomsData(db, transforms=[NeighborList(5.0)])
     batch = collate_atoms([data[i] for i in range(8)])
     ours = reference(batch, properties=("energy", "forces"))

@@ -63,8 +63,26 @@ def evaluate_bundle(
     batch_size: int = 50,
     dtype: str | None = None,
     properties: list[str] | None = None,
+    file_units: dict[str, str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate ``bundle`` on the systems of ``data`` (optionally only ``subset`` of ``split_file``)."""
+    """Evaluate ``bundle`` on the systems of ``data`` (optionally only ``subset`` of ``split_file``).
+
+    ``data`` is a database with unit metadata, or any file ASE reads (extxyz, .traj,
+    plain ASE db), whose values are then taken to be in ``file_units`` (``energy``,
+    ``forces``, ``distance``; default eV, eV/Ang, Ang) and imported into a temporary database.
+    """
+    import tempfile
+
+    if not Path(data).exists():
+        raise FileNotFoundError(f"data file {str(data)!r} does not exist")
+    with tempfile.TemporaryDirectory(prefix="spktrain-eval-") as tmp:
+        from training.run import ensure_database
+
+        db = ensure_database(Path(data), file_units, Path(tmp))
+        return _evaluate(bundle, db, split_file, subset, batch_size, dtype, properties)
+
+
+def _evaluate(bundle, data, split_file, subset, batch_size, dtype, properties) -> EvaluationResult:
     from spkserve.bundle import load_bundle
     from training.data import ASEAtomsData, NeighborList, collate_atoms
 

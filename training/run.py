@@ -290,14 +290,13 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     run_dir = run_dir or run_directory(cfg)
     pl.seed_everything(int(cfg.run.get("seed", 0)), workers=True)
     dm = build_datamodule(cfg, run_dir)
-    dm.setup("fit")
-    if hasattr(dm, "setup") and cfg.data.get("num_test"):
-        dm.setup("test")
+    dm.setup("fit")  # builds the train, val and test splits at once
     outputs = build_outputs(cfg)
     info = check_data(dm, outputs)
     ds = dm.train_dataset
     info.update(
         datapath=str(cfg.data.datapath),
+        database=str(Path(dm.datapath).resolve()),
         split_file=str(getattr(dm, "split_file", None) or cfg.data.get("split_file") or run_dir / "split.npz"),
         fingerprint=getattr(dm, "fingerprint", None),
         distance_unit=getattr(ds, "distance_unit", None) or cfg.data.get("distance_unit"),
