@@ -62,5 +62,7 @@ def pair_geometry(inputs: dict[str, torch.Tensor], cutoff: float, compact: bool 
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """Sum rows of ``src`` into ``dim_size`` bins given by ``index`` (dim 0)."""
+    if dim_size == 1:  # one system: a plain sum (fewer ops; avoids an inductor scatter bug on size-1 outputs)
+        return src.sum(0, keepdim=True)
     out = torch.zeros((dim_size,) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
     return out.index_add_(0, index, src)
