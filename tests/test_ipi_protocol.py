@@ -358,3 +358,41 @@ def test_ipi_command_refuses_unknown_species_before_connecting(tmp_path):
     assert out.exit_code != 0 and "--template FILE or --species" in out.output
     out = runner.invoke(main, ["ipi", str(argon_only), "--species", "Ar"])
     assert out.exit_code != 0 and "--unix NAME or --port N" in out.output
+
+
+def test_client_serves_first_connection_while_others_still_connect(tmp_path):
+    """Like i-PI: a small listen backlog and accept() only between exchanges. The client must
+    answer connection 1 while its connects 2..4 are still waiting (regression: it used to deadlock)."""
+    path = str(tmp_path / "s")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    energies = []
+
+    def exchange(c, k):
+        c.settimeout(5)
+        c.sendall(P.STATUS)
+        assert P.read_header(c) == P.NEEDINIT
+        c.sendall(P.pack_init(k, "") + P.STATUS)
+        assert P.read_header(c) == P.READY
+        c.sendall(P.pack_posdata(np.eye(3)[None] * 20, np.full((1, 3, 3), float(k))) + P.GETFORCE)
+        assert P.read_header(c) == P.FORCEREADY
+        energies.append(P.read_forceready(c, 1, 3).energies[0])
+
+    def server():
+        conns = []
+        for k in range(4):
+            c, _ = srv.accept()
+            conns.append(c)
+            exchange(c, k)
+        for c in conns:
+            c.sendall(P.EXIT)
+            c.close()
+        srv.close()
+
+    t = threading.Thread(target=server)
+    t.start()
+    stats = IPIClient(_Doubling(), Address(unix_path=path), workers=4, connect_timeout_s=5).run()
+    t.join(10)
+    assert energies == [0.0, 9.0, 18.0, 27.0]
+    assert stats.exit_reason == "EXIT from server"

@@ -16,8 +16,10 @@ Behaviour towards real peers (i-PI 3.3.1, ASE 3.29):
 from __future__ import annotations
 
 import logging
+import queue
 import selectors
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -233,20 +235,51 @@ class IPIClient:
 
     # --- main loop ---------------------------------------------------------------
 
-    def run(self) -> ClientStats:
-        """Serve until every connection got EXIT or end-of-file."""
-        conns = []
-        for k in range(self.workers):
-            sock = connect(self.address, self.connect_timeout_s)
-            sock.settimeout(self.io_timeout_s)
-            conns.append(_Conn(sock, k))
-        log.info("connected %d worker(s) to %s", len(conns), self.address.describe())
-        sel = selectors.DefaultSelector()
-        for c in conns:
-            sel.register(c.sock, selectors.EVENT_READ, c)
-        live = set(range(len(conns)))
+    def _connector(self, count: int, out: "queue.Queue", wake: socket.socket) -> None:
+        """Open ``count`` more connections in the background (the server may accept them one by one)."""
         try:
-            while live:
+            for _ in range(count):
+                out.put(connect(self.address, self.connect_timeout_s))
+                wake.send(b"c")
+        except (ClientError, OSError) as err:
+            out.put(err)
+        out.put(None)
+        try:
+            wake.send(b"d")
+        except OSError:
+            pass
+
+    def run(self) -> ClientStats:
+        """Serve until every connection got EXIT or end-of-file.
+
+        The first connection is made here; further ``workers`` connect in a
+        background thread while the first ones are already served (a server
+        such as i-PI starts dispatching as soon as one client is connected, and
+        accepts the others between its steps).
+        """
+        first = connect(self.address, self.connect_timeout_s)
+        conns: list[_Conn] = []
+        live: set[int] = set()
+        sel = selectors.DefaultSelector()
+
+        def add(sock: socket.socket) -> None:
+            sock.settimeout(self.io_timeout_s)
+            conn = _Conn(sock, len(conns))
+            conns.append(conn)
+            sel.register(sock, selectors.EVENT_READ, conn)
+            live.add(conn.index)
+
+        add(first)
+        connecting = self.workers > 1
+        if not connecting:
+            log.info("connected to %s", self.address.describe())
+        new: "queue.Queue" = queue.Queue()
+        wake_r, wake_w = socket.socketpair()
+        sel.register(wake_r, selectors.EVENT_READ, None)
+        if connecting:
+            threading.Thread(target=self._connector, args=(self.workers - 1, new, wake_w), daemon=True).start()
+        try:
+            while live or (connecting and not self.stats.exit_reason):
                 pending = [c for c in conns if c.index in live and c.pending is not None]
                 timeout = None
                 if pending:
@@ -256,6 +289,18 @@ class IPIClient:
                         continue
                     timeout = self.gather_window_s - waited
                 for key, _ in sel.select(timeout):
+                    if key.data is None:  # the connector thread has news
+                        wake_r.recv(4096)
+                        while not new.empty():
+                            item = new.get()
+                            if item is None:
+                                connecting = False
+                                log.info("connected %d worker(s) to %s", len(conns), self.address.describe())
+                            elif isinstance(item, Exception):
+                                log.warning("only %d of %d workers connected: %s", len(conns), self.workers, item)
+                            else:
+                                add(item)
+                        continue
                     conn: _Conn = key.data
                     try:
                         alive = self._handle(conn)
@@ -273,8 +318,14 @@ class IPIClient:
                         live.discard(conn.index)
         finally:
             sel.close()
+            wake_r.close()
+            wake_w.close()
             for c in conns:
                 c.sock.close()
+            while not new.empty():
+                item = new.get()
+                if isinstance(item, socket.socket):
+                    item.close()
         log.info("i-PI client finished: %s", self.stats.summary())
         return self.stats
 
