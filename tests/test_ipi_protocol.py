@@ -396,3 +396,33 @@ def test_client_serves_first_connection_while_others_still_connect(tmp_path):
     t.join(10)
     assert energies == [0.0, 9.0, 18.0, 27.0]
     assert stats.exit_reason == "EXIT from server"
+
+
+def test_extra_string_carries_other_outputs_in_atomic_units():
+    """Outputs besides energy/forces/stress go into the extra string as JSON, in atomic units."""
+    import json
+
+    import torch
+
+    from spkserve.ipi.evaluate import BundleEvaluator
+
+    class DipoleRunner:
+        available_properties = ("energy", "forces", "dipole_moment", "partial_charges")
+
+        def compute_tensors(self, numbers, positions, cells, pbc, n_atoms, properties):
+            s, n = len(n_atoms), len(numbers)
+            return {
+                "energy": torch.zeros(s, dtype=torch.float64),
+                "forces": torch.zeros(n, 3, dtype=torch.float64),
+                "dipole_moment": torch.tensor([[1.0, 0.0, -2.0]] * s, dtype=torch.float64),  # e*Å
+                "partial_charges": torch.arange(n, dtype=torch.float64),  # e
+            }
+
+    ev = BundleEvaluator(DipoleRunner(), [8, 1, 1])
+    _, _, _, extras = ev(np.zeros((2, 3, 3)), np.zeros((2, 3, 3)))
+    a2b = units.factor("Angstrom", "Bohr")
+    for s, text in enumerate(extras):
+        d = json.loads(text)
+        np.testing.assert_allclose(d["dipole_moment"], [a2b, 0.0, -2 * a2b], rtol=1e-14)
+        assert d["dipole"] == d["dipole_moment"]  # the key i-PI's tools read
+        assert d["partial_charges"] == [3.0 * s, 3.0 * s + 1, 3.0 * s + 2]
