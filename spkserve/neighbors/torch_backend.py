@@ -188,6 +188,7 @@ def torch_neighbor_list(
     image_cart = torch.einsum("ck,ckd->cd", image.to(dtype), completed.index_select(0, s_of.index_select(0, live)))
     self_image = (image == 0).all(dim=1)  # the unshifted copy of the source bin itself
     cnt = count_a * count_b
+    del ent, q, s_of, off, target, nbt, per, valid, tgid, sgid, live  # free stage-1 memory before stage 2
 
     # stage 2: expand to atom pairs in chunks of about ``chunk_pairs``, with wrapped
     # positions Rw = R - wrap @ cell: r_ij = Rw[j] + image @ cell - Rw[i]
