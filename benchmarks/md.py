@@ -42,7 +42,7 @@ DATA = Path("/work/shared/data/xtb")
 CUTOFF = 5.0
 TIME_STEP_FS = 0.5
 # (warm-up steps, timed chunks, steps per chunk)
-PLAN = {"ethanol": (20, 6, 40), "water192": (3, 4, 3), "water1536": (1, 2, 1)}
+PLAN = {"ethanol": (10, 4, 25), "water192": (2, 3, 2), "water1536": (1, 2, 1)}
 
 
 def load_system(name: str):
