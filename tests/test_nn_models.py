@@ -372,6 +372,8 @@ def test_fused_functions_pass_gradcheck():
 def test_fused_inference_path_equals_plain_autograd(rep):
     model = energy_model(rep)
     model.representation.fused_min_elements = 0  # force the fused path on this small system
+    if rep == "schnet":
+        model.representation.filter_table_points = 0  # exact filter networks (tables: next test)
     b = make_batch([periodic_crystal(), ethanol()])
     props = (keys.energy, keys.forces, keys.stress)
     fused = model(b, props)  # eval, no graph: fused backward
@@ -380,3 +382,43 @@ def test_fused_inference_path_equals_plain_autograd(rep):
         torch.testing.assert_close(fused[k][:1] if k == keys.stress else fused[k],
                                    (plain[k][:1] if k == keys.stress else plain[k]).detach(),
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_tabulated_schnet_filters_match_network_and_are_conservative():
+    from spkserve.nn.fused import TabulatedFilterConv, hermite_coefficients
+
+    model = energy_model("schnet")
+    rep = model.representation
+    b = make_batch([periodic_crystal(), ethanol()])
+    props = (keys.energy, keys.forces, keys.stress)
+    exact = model(b, props, create_graph=True)
+    rep.fused_min_elements = 0  # use the tabulated inference path on this small system
+    tab = model(b, props)
+    assert rep._table is not None
+    for k in props:
+        ref = exact[k][:1] if k == keys.stress else exact[k]
+        got = tab[k][:1] if k == keys.stress else tab[k]
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-7)
+    # forces are the exact derivative of the interpolated energy (finite differences, tight)
+    R = b[keys.R]
+    h = 1e-6
+    for i, a in ((0, 0), (5, 2)):
+        dR = torch.zeros_like(R)
+        dR[i, a] = h
+        fd = -(_energy_at(model, b, R + dR) - _energy_at(model, b, R - dR)) / (2 * h)
+        assert tab[keys.forces][i, a].item() == pytest.approx(fd, rel=1e-6, abs=1e-8)
+    # the table follows weight updates
+    with torch.no_grad():
+        rep.filter_w2.mul_(1.5)
+    assert not torch.allclose(model(b, props)[keys.energy], tab[keys.energy])
+    # the interpolation itself: gradcheck and exactness on a cubic
+    knots = torch.linspace(0, 2, 9, dtype=torch.float64)
+    f = lambda x: (x**3 - x)[:, None] * torch.tensor([1.0, -2.0], dtype=torch.float64)  # noqa: E731
+    coeffs = hermite_coefficients(f(knots), (3 * knots**2 - 1)[:, None] * torch.tensor([1.0, -2.0]).double(), 0.25)
+    d = torch.tensor([0.1, 0.77, 1.5, 1.99], dtype=torch.float64, requires_grad=True)
+    y = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    idx_i, idx_j = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    out = TabulatedFilterConv.apply(y, d, coeffs, 4.0, idx_i, idx_j)
+    expected = torch.zeros(3, 2, dtype=torch.float64).index_add_(0, idx_i, f(d.detach()))
+    torch.testing.assert_close(out, expected)  # cubic Hermite is exact for cubics
+    assert torch.autograd.gradcheck(lambda y_, d_: TabulatedFilterConv.apply(y_, d_, coeffs, 4.0, idx_i, idx_j), (y, d))

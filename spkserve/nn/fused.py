@@ -119,3 +119,64 @@ class PaiNNMessage(torch.autograd.Function):
             if need[2]:
                 grad_w_raw = g_w.mul_(fcut[:, None])
         return grad_x, grad_mu, grad_w_raw, grad_fcut, grad_dir, None, None
+
+
+def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor, spacing: float) -> torch.Tensor:
+    """Cubic Hermite polynomial coefficients on a uniform grid.
+
+    ``values``/``slopes`` [G+1, ...] at knots k*spacing -> coefficients [G, 4, ...] so that on
+    interval k, f(k*spacing + s*spacing) = c0 + s c1 + s^2 c2 + s^3 c3 for s in [0, 1].
+    """
+    p0, p1 = values[:-1], values[1:]
+    m0, m1 = slopes[:-1] * spacing, slopes[1:] * spacing
+    c2 = -3.0 * p0 - 2.0 * m0 + 3.0 * p1 - m1
+    c3 = 2.0 * p0 + m0 - 2.0 * p1 + m1
+    return torch.stack([p0, m0, c2, c3], dim=1)
+
+
+def _hermite(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """c [P, 4, F], s [P, 1] -> value [P, F]."""
+    w = torch.addcmul(c[:, 2], s, c[:, 3])
+    w = torch.addcmul(c[:, 1], s, w)
+    return torch.addcmul(c[:, 0], s, w)
+
+
+def _hermite_slope(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """d value / d s  [P, F]."""
+    w = torch.addcmul(c[:, 2] * 2.0, s, c[:, 3] * 3.0)
+    return torch.addcmul(c[:, 1], s, w)
+
+
+class TabulatedFilterConv(torch.autograd.Function):
+    """out_i = sum_j y_j * W(d_ij) with the filter W read from a cubic Hermite table.
+
+    ``coeffs`` [G, 4, F] from :func:`hermite_coefficients` on the grid k / inv_spacing;
+    distances must lie in [0, G / inv_spacing]. The derivative with respect to d_ij is
+    the exact derivative of the interpolant, so forces stay conservative.
+    """
+
+    @staticmethod
+    def forward(ctx, y, d, coeffs, inv_spacing: float, idx_i, idx_j):
+        t = d * inv_spacing
+        k = t.long().clamp_(0, coeffs.shape[0] - 1)
+        s = (t - k.to(t.dtype)).unsqueeze(1)  # [P, 1]
+        c = coeffs.index_select(0, k)  # [P, 4, F]
+        m = y.index_select(0, idx_j).mul_(_hermite(c, s))
+        out = _zeros(y.shape[0], y).index_add_(0, idx_i, m)
+        ctx.save_for_backward(y, coeffs, k, s, idx_i, idx_j)
+        ctx.inv_spacing = inv_spacing
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, coeffs, k, s, idx_i, idx_j = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c = coeffs.index_select(0, k)
+        g_i = g.index_select(0, idx_i)
+        grad_y = grad_d = None
+        if need[0]:
+            grad_y = _zeros(y.shape[0], y).index_add_(0, idx_j, g_i * _hermite(c, s))
+        if need[1]:
+            grad_d = (g_i.mul_(y.index_select(0, idx_j)).mul_(_hermite_slope(c, s))).sum(1) * ctx.inv_spacing
+        return grad_y, grad_d, None, None, None, None

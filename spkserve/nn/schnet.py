@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from spkserve import keys
 from spkserve.nn.cutoff import build_cutoff
-from spkserve.nn.fused import SchNetFilterConv
+from spkserve.nn.fused import SchNetFilterConv, TabulatedFilterConv, hermite_coefficients
 from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, SCALAR, _is_compiling
 from spkserve.nn.layers import LOG2, activation
 from spkserve.nn.radial import build_rbf
@@ -42,6 +42,11 @@ class SchNet(nn.Module):
         shared_filters: one filter network for all blocks.
         activation_name: activation of filter and output networks (default shifted softplus).
         max_z: largest atomic number supported.
+        filter_table_points: for inference on large systems, read the filters (a smooth
+            function of distance only) from a cubic Hermite table with this many intervals
+            on [0, cutoff] instead of evaluating the filter networks per pair; 0 disables.
+            The table is rebuilt when the weights change; its interpolation error is of
+            order (cutoff / points)^4 relative (about 1e-9 at 1024 points and 5 Å).
     """
 
     def __init__(
@@ -56,10 +61,16 @@ class SchNet(nn.Module):
         shared_filters: bool = False,
         activation_name: str = "shifted_softplus",
         max_z: int = 100,
+        filter_table_points: int = 1024,
     ):
         super().__init__()
         if n_interactions < 1:
             raise ValueError(f"n_interactions must be at least 1, got {n_interactions}")
+        if filter_table_points < 0 or filter_table_points == 1:
+            raise ValueError(f"filter_table_points must be 0 (off) or at least 2, got {filter_table_points}")
+        self.filter_table_points = int(filter_table_points)
+        self._table_key: tuple | None = None
+        self._table: torch.Tensor | None = None
         nf = n_filters or n_atom_basis
         self.n_atom_basis = n_atom_basis
         self.n_interactions = n_interactions
@@ -117,6 +128,8 @@ class SchNet(nn.Module):
             and idx_i.shape[0] * self.n_filters >= self.fused_min_elements
             and not _is_compiling()
         ):
+            if self.filter_table_points:
+                return {SCALAR: self._forward_tabulated(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
             return {SCALAR: self._forward_fused(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
         filters = self.filters(geometry[PAIR_DISTANCES]).unbind(0)
         x = self.embedding(Z)
@@ -151,6 +164,55 @@ class SchNet(nn.Module):
             y = SchNetFilterConv.apply(
                 y, rbf, fcut, self.filter_w1[f], self.filter_b1[f, 0], self.filter_w2[f], b2[f], idx_i, idx_j
             )
+            y = F.softplus(torch.addmm(self.out1_b[k], y, self.out1_w[k]))
+            x = torch.addmm(out2_b[k], y, self.out2_w[k]).add_(x)
+        return x
+
+    def filter_table(self) -> torch.Tensor:
+        """Hermite coefficients of the cutoff-weighted filters of all blocks.  [n_sets, G, 4, nf]
+
+        Built in float64 (values and exact distance derivatives by forward-mode AD) and
+        cached until a filter weight, the radial basis or the dtype/device changes.
+        """
+        tensors = [self.filter_w1, self.filter_b1, self.filter_w2, self.filter_b2]
+        tensors += list(self.radial_basis.parameters()) + list(self.radial_basis.buffers())
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._table is not None and self._table_key == key:
+            return self._table
+        import torch.autograd.forward_ad as fwAD
+
+        G = self.filter_table_points
+        spacing = self.cutoff / G
+        dev = self.filter_w1.device
+        knots = torch.arange(G + 1, dtype=torch.float64, device=dev) * spacing
+        with torch.no_grad(), fwAD.dual_level():
+            d = fwAD.make_dual(knots, torch.ones_like(knots))
+            rbf = self.radial_basis(d).to(torch.float64)
+            fcut = self.cutoff_fn(d)
+            w1, b1 = self.filter_w1.double(), self.filter_b1.double()
+            w2, b2 = self.filter_w2.double(), self.filter_b2.double()
+            b2 = b2 - LOG2 * w2.sum(1, keepdim=True)
+            h = F.softplus(torch.baddbmm(b1, rbf.unsqueeze(0).expand(w1.shape[0], -1, -1), w1))
+            w = torch.baddbmm(b2, h, w2) * fcut[None, :, None]  # [n_sets, G+1, nf]
+            values, slopes = fwAD.unpack_dual(w)
+        coeffs = torch.stack(
+            [hermite_coefficients(values[k], slopes[k], spacing) for k in range(values.shape[0])]
+        ).to(self.filter_w1.dtype)
+        self._table, self._table_key = coeffs, key
+        return coeffs
+
+    def _forward_tabulated(
+        self, Z: torch.Tensor, d_ij: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor
+    ) -> torch.Tensor:
+        """Inference path with tabulated filters (no per-pair filter networks)."""
+        table = self.filter_table()
+        inv_spacing = self.filter_table_points / self.cutoff
+        x = self.embedding(Z)
+        out2_b = self.out2_b - LOG2 * self.out2_w.sum(1)
+        for k in range(self.n_interactions):
+            f = 0 if self.shared_filters else k
+            y = torch.mm(x, self.in2f_w[k])
+            y = TabulatedFilterConv.apply(y, d_ij, table[f], inv_spacing, idx_i, idx_j)
             y = F.softplus(torch.addmm(self.out1_b[k], y, self.out1_w[k]))
             x = torch.addmm(out2_b[k], y, self.out2_w[k]).add_(x)
         return x
