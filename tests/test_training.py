@@ -311,7 +311,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(200)  # 63 s measured at load average 10 on 2 cores; bound for a heavily shared machine
 def test_ddp_two_cpu_processes_split_the_data(ethanol_db, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
@@ -324,7 +324,7 @@ def test_ddp_two_cpu_processes_split_the_data(ethanol_db, tmp_path):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PL_DISABLE_FORK="1")
     proc = subprocess.run([sys.executable, str(script), "run", str(out), *overrides], capture_output=True, text=True,
-                          timeout=80, env=env, cwd=tmp_path)
+                          timeout=190, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
