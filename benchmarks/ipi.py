@@ -129,6 +129,19 @@ def _write_init(work: Path) -> list[str]:
     return atoms.get_chemical_symbols()
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def _last_step(path: Path) -> int:
     try:
         with open(path, "rb") as fh:
@@ -149,8 +162,11 @@ def _last_step(path: Path) -> int:
 def run_ipi(
     clients: list[list[str]], steps: int, env: dict, nbeads: int = 1, batch_size: int = 1, warm: int = 50,
     stride: int = 10, prestart_s: float = 0.0,
-) -> float:
-    """Run i-PI with the given client commands ({addr} is replaced); steps/s after ``warm`` steps.
+) -> tuple[float, float]:
+    """Run i-PI with the given client commands ({addr} is replaced).
+
+    Returns steps/s (wall clock) and client CPU ms per step (all client
+    processes together), measured from step ``warm`` to 5 steps before the end.
 
     With ``prestart_s`` > 0 the clients start first (they retry connecting) and i-PI
     only after that many seconds, so that all of them are connected from the first step.
@@ -182,24 +198,25 @@ def run_ipi(
             time.sleep(prestart_s)
             ipi = start_ipi()
         out = work / "sim.out"
+        clients_pids = [p.pid for p in procs if p is not ipi]
+        end_at = steps - 5  # stop the clock before i-PI sends EXIT, while the clients still run
         t_warm = None
         deadline = time.monotonic() + 1200
         while ipi.poll() is None:
             step = _last_step(out)
             if t_warm is None and step >= warm:
-                t_warm, s_warm = time.perf_counter(), step
-            if step >= steps:
-                t_end = time.perf_counter()
+                t_warm, s_warm, cpu_warm = time.perf_counter(), step, _cpu_s(clients_pids)
+            if t_warm is not None and step >= end_at:
+                t_end, s_end, cpu_end = time.perf_counter(), step, _cpu_s(clients_pids)
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("i-PI run took too long")
             time.sleep(0.003)
         else:
-            if _last_step(out) < steps:
-                raise RuntimeError(f"i-PI stopped early: {(work / 'ipi.log').read_text()[-2000:]}")
-            t_end = time.perf_counter()
-        ipi.wait(60)
-        return (steps - s_warm) / (t_end - t_warm)
+            raise RuntimeError(f"i-PI stopped early: {(work / 'ipi.log').read_text()[-2000:]}")
+        ipi.wait(120)
+        n = s_end - s_warm
+        return n / (t_end - t_warm), (cpu_end - cpu_warm) / n * 1e3
     finally:
         for p in procs:
             if p.poll() is None:
@@ -294,11 +311,18 @@ def socket_overhead(bundle: Path, symbols: list[str], positions_A: np.ndarray, c
             p = pos + rng.normal(0, 0.01, pos.shape)
             one_socket(p)
             one_local(p)
+        cpu_client0 = _cpu_s([client.pid])
+        cpu_sock = cpu_local = 0.0
         for _ in range(blocks):
+            c0 = time.process_time()
             for _ in range(calls):
                 t_sock.append(one_socket(pos + rng.normal(0, 0.01, pos.shape)))
+            c1 = time.process_time()
             for _ in range(calls):
                 t_local.append(one_local(pos + rng.normal(0, 0.01, pos.shape)))
+            cpu_sock += c1 - c0
+            cpu_local += time.process_time() - c1
+        cpu_client = _cpu_s([client.pid]) - cpu_client0
         conn.sendall(P.EXIT)
         _, err = client.communicate(timeout=30)
     finally:
@@ -316,6 +340,9 @@ def socket_overhead(bundle: Path, symbols: list[str], positions_A: np.ndarray, c
         "socket_us": np.median(s), "socket_range": (np.percentile(s, 10), np.percentile(s, 90)),
         "local_us": np.median(l), "local_range": (np.percentile(l, 10), np.percentile(l, 90)),
         "client_model_us": client_model_us,
+        # CPU per call: client process + this process's send/receive, against the in-process evaluation
+        "cpu_socket_us": (cpu_client + cpu_sock) / len(t_sock) * 1e6,
+        "cpu_local_us": cpu_local / len(t_local) * 1e6,
     }
 
 
@@ -348,6 +375,7 @@ def main() -> None:
             results: dict[str, list[float]] = {"spkserve ipi": [], "ASE SocketClient + BundleCalculator": []}
             if "spk" in paths:
                 results["ASE SocketClient + SchNetPack SpkCalculator"] = []
+            cpu: dict[str, list[float]] = {k: [] for k in results}
             for r in range(repeats):
                 for name in results:
                     if name == "spkserve ipi":
@@ -356,14 +384,19 @@ def main() -> None:
                         cmd = ase_ours
                     else:
                         cmd = [str(BENCH_PY), str(work / "spk_client.py"), str(paths["spk"]), str(ETHANOL), "{addr}", str(CUTOFF)]
-                    sps = run_ipi([cmd], steps_nve, env, warm=30)
+                    sps, cms = run_ipi([cmd], steps_nve, env, warm=30)
                     results[name].append(sps)
-                    print(f"NVE {name}: {sps:.1f} steps/s", flush=True)
+                    cpu[name].append(cms)
+                    print(f"NVE {name}: {sps:.1f} steps/s, client CPU {cms:.2f} ms/step", flush=True)
             base = np.median(results["spkserve ipi"])
-            lines += ["## (1) i-PI NVE, ethanol (9 atoms), SchNet float32: steps/s", "",
-                      "| client | steps/s median (min–max) | spkserve ipi speed-up |", "| --- | --- | --- |"]
+            base_cpu = np.median(cpu["spkserve ipi"])
+            lines += ["## (1) i-PI NVE, ethanol (9 atoms), SchNet float32", "",
+                      "| client | steps/s median (min–max) | speed-up of spkserve ipi (wall) "
+                      "| client CPU ms/step | speed-up of spkserve ipi (CPU) |",
+                      "| --- | --- | --- | --- | --- |"]
             for name, v in results.items():
-                lines.append(f"| {name} | {_fmt(v)} | {base / np.median(v):.2f}× |")
+                lines.append(f"| {name} | {_fmt(v)} | {base / np.median(v):.2f}× | {_fmt(cpu[name])} "
+                             f"| {np.median(cpu[name]) / base_cpu:.2f}× |")
             lines.append("")
         if args.only in (None, "overhead"):
             from ase.io import read
@@ -371,8 +404,9 @@ def main() -> None:
             atoms = read(ETHANOL)
             atoms.positions += 10.0 - atoms.get_center_of_mass()
             lines += ["## (2) Socket overhead per call, 9 atoms (µs, median; 10–90th percentile)", "",
-                      "| model | via `spkserve ipi` socket | in-process | overhead | model time inside the client |",
-                      "| --- | --- | --- | --- | --- |"]
+                      "| model | via `spkserve ipi` socket | in-process | overhead (wall) | model time inside the client "
+                      "| CPU per call via socket (both processes) | CPU in-process | overhead (CPU) |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for key, label in (("lj", "Lennard-Jones (float64)"), ("schnet", "SchNet (float32)")):
                 if key not in paths:
                     continue
@@ -380,12 +414,14 @@ def main() -> None:
                 lines.append(
                     f"| {label} | {o['socket_us']:.0f} ({o['socket_range'][0]:.0f}–{o['socket_range'][1]:.0f}) "
                     f"| {o['local_us']:.0f} ({o['local_range'][0]:.0f}–{o['local_range'][1]:.0f}) "
-                    f"| {o['socket_us'] - o['local_us']:.0f} | {o['client_model_us']:.0f} |"
+                    f"| {o['socket_us'] - o['local_us']:.0f} | {o['client_model_us']:.0f} "
+                    f"| {o['cpu_socket_us']:.0f} | {o['cpu_local_us']:.0f} | {o['cpu_socket_us'] - o['cpu_local_us']:.0f} |"
                 )
                 print(lines[-1], flush=True)
             lines.append("")
         if args.only in (None, "pimd"):
             res: dict[str, list[float]] = {}
+            res_cpu: dict[str, list[float]] = {}
             cases = {
                 "batch_size=16, one client": ([ours], 16),
                 "--workers 16, one process": ([ours + ["--workers", "16"]], 1),
@@ -394,14 +430,18 @@ def main() -> None:
             }
             for r in range(repeats):
                 for name, (clients, bs) in cases.items():
-                    sps = run_ipi(clients, steps_pimd, env, nbeads=16, batch_size=bs, warm=10, stride=2, prestart_s=40.0)
+                    sps, cms = run_ipi(clients, steps_pimd, env, nbeads=16, batch_size=bs, warm=10, stride=2, prestart_s=40.0)
                     res.setdefault(name, []).append(sps)
-                    print(f"PIMD16 {name}: {sps:.2f} steps/s", flush=True)
+                    res_cpu.setdefault(name, []).append(cms)
+                    print(f"PIMD16 {name}: {sps:.2f} steps/s, client CPU {cms:.1f} ms/step", flush=True)
             ref = np.median(res["16 client processes"])
-            lines += ["## (3) i-PI PIMD, 16 beads, ethanol, SchNet float32: steps/s", "",
-                      "| setup | steps/s median (min–max) | vs 16 processes |", "| --- | --- | --- |"]
+            ref_cpu = np.median(res_cpu["16 client processes"])
+            lines += ["## (3) i-PI PIMD, 16 beads, ethanol, SchNet float32", "",
+                      "| setup | steps/s median (min–max) | vs 16 processes (wall) | client CPU ms/step | vs 16 processes (CPU) |",
+                      "| --- | --- | --- | --- | --- |"]
             for name, v in res.items():
-                lines.append(f"| {name} | {_fmt(v)} | {np.median(v) / ref:.2f}× |")
+                lines.append(f"| {name} | {_fmt(v)} | {np.median(v) / ref:.2f}× | {_fmt(res_cpu[name])} "
+                             f"| {ref_cpu / np.median(res_cpu[name]):.2f}× |")
             lines.append("")
     finally:
         shutil.rmtree(work, ignore_errors=True)
