@@ -415,6 +415,7 @@ def test_tabulated_schnet_filters_match_network_and_are_conservative():
     knots = torch.linspace(0, 2, 9, dtype=torch.float64)
     f = lambda x: (x**3 - x)[:, None] * torch.tensor([1.0, -2.0], dtype=torch.float64)  # noqa: E731
     coeffs = hermite_coefficients(f(knots), (3 * knots**2 - 1)[:, None] * torch.tensor([1.0, -2.0]).double(), 0.25)
+    coeffs = coeffs.transpose(0, 1).contiguous()  # coefficient-major [4, G, F]
     d = torch.tensor([0.1, 0.77, 1.5, 1.99], dtype=torch.float64, requires_grad=True)
     y = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
     idx_i, idx_j = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])

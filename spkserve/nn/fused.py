@@ -134,34 +134,37 @@ def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor, spacing: fl
     return torch.stack([p0, m0, c2, c3], dim=1)
 
 
-def _hermite(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """c [P, 4, F], s [P, 1] -> value [P, F]."""
-    w = torch.addcmul(c[:, 2], s, c[:, 3])
-    w = torch.addcmul(c[:, 1], s, w)
-    return torch.addcmul(c[:, 0], s, w)
+def _hermite(c: torch.Tensor, k: torch.Tensor, s: torch.Tensor, slope: bool = False):
+    """Value (and d value / d s) of the cubic on intervals ``k`` at ``s`` [P, 1].
 
-
-def _hermite_slope(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """d value / d s  [P, F]."""
-    w = torch.addcmul(c[:, 2] * 2.0, s, c[:, 3] * 3.0)
-    return torch.addcmul(c[:, 1], s, w)
+    ``c`` [4, G, F] (coefficient-major, so every gather is contiguous).
+    """
+    c3 = c[3].index_select(0, k)
+    c2 = c[2].index_select(0, k)
+    c1 = c[1].index_select(0, k)
+    ds = None
+    if slope:
+        ds = (c3 * (3.0 * s)).add_(c2, alpha=2.0).mul_(s).add_(c1)
+    w = c3.mul_(s).add_(c2).mul_(s).add_(c1).mul_(s).add_(c[0].index_select(0, k))
+    return w, ds
 
 
 class TabulatedFilterConv(torch.autograd.Function):
     """out_i = sum_j y_j * W(d_ij) with the filter W read from a cubic Hermite table.
 
-    ``coeffs`` [G, 4, F] from :func:`hermite_coefficients` on the grid k / inv_spacing;
-    distances must lie in [0, G / inv_spacing]. The derivative with respect to d_ij is
-    the exact derivative of the interpolant, so forces stay conservative.
+    ``coeffs`` [4, G, F] (:func:`hermite_coefficients` moved to coefficient-major) on
+    the grid k / inv_spacing; distances must lie in [0, G / inv_spacing]. The
+    derivative with respect to d_ij is the exact derivative of the interpolant, so
+    forces stay conservative.
     """
 
     @staticmethod
     def forward(ctx, y, d, coeffs, inv_spacing: float, idx_i, idx_j):
         t = d * inv_spacing
-        k = t.long().clamp_(0, coeffs.shape[0] - 1)
+        k = t.long().clamp_(0, coeffs.shape[1] - 1)
         s = (t - k.to(t.dtype)).unsqueeze(1)  # [P, 1]
-        c = coeffs.index_select(0, k)  # [P, 4, F]
-        m = y.index_select(0, idx_j).mul_(_hermite(c, s))
+        w, _ = _hermite(coeffs, k, s)
+        m = w.mul_(y.index_select(0, idx_j))
         out = _zeros(y.shape[0], y).index_add_(0, idx_i, m)
         ctx.save_for_backward(y, coeffs, k, s, idx_i, idx_j)
         ctx.inv_spacing = inv_spacing
@@ -172,11 +175,11 @@ class TabulatedFilterConv(torch.autograd.Function):
     def backward(ctx, g):
         y, coeffs, k, s, idx_i, idx_j = ctx.saved_tensors
         need = ctx.needs_input_grad
-        c = coeffs.index_select(0, k)
+        w, dw = _hermite(coeffs, k, s, slope=need[1])
         g_i = g.index_select(0, idx_i)
         grad_y = grad_d = None
-        if need[0]:
-            grad_y = _zeros(y.shape[0], y).index_add_(0, idx_j, g_i * _hermite(c, s))
         if need[1]:
-            grad_d = (g_i.mul_(y.index_select(0, idx_j)).mul_(_hermite_slope(c, s))).sum(1) * ctx.inv_spacing
+            grad_d = (dw.mul_(g_i).mul_(y.index_select(0, idx_j))).sum(1) * ctx.inv_spacing
+        if need[0]:
+            grad_y = _zeros(y.shape[0], y).index_add_(0, idx_j, w.mul_(g_i))
         return grad_y, grad_d, None, None, None, None

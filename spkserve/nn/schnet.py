@@ -169,7 +169,7 @@ class SchNet(nn.Module):
         return x
 
     def filter_table(self) -> torch.Tensor:
-        """Hermite coefficients of the cutoff-weighted filters of all blocks.  [n_sets, G, 4, nf]
+        """Hermite coefficients of the cutoff-weighted filters of all blocks.  [n_sets, 4, G, nf]
 
         Built in float64 (values and exact distance derivatives by forward-mode AD) and
         cached until a filter weight, the radial basis or the dtype/device changes.
@@ -196,8 +196,8 @@ class SchNet(nn.Module):
             w = torch.baddbmm(b2, h, w2) * fcut[None, :, None]  # [n_sets, G+1, nf]
             values, slopes = fwAD.unpack_dual(w)
         coeffs = torch.stack(
-            [hermite_coefficients(values[k], slopes[k], spacing) for k in range(values.shape[0])]
-        ).to(self.filter_w1.dtype)
+            [hermite_coefficients(values[k], slopes[k], spacing).transpose(0, 1) for k in range(values.shape[0])]
+        ).to(self.filter_w1.dtype).contiguous()  # [n_sets, 4, G, nf]
         self._table, self._table_key = coeffs, key
         return coeffs
 
