@@ -38,6 +38,8 @@ CONFIG_NAME = "config"
 TOP_LEVEL_KEYS = {"calculator", "system", "dynamics", "callbacks", "simulation_dir", "device", "precision", "seed",
                   "overwrite", "num_threads", "plots"}
 SAVED_CONFIG = "config.yaml"
+#: with num_threads null, systems with fewer atoms × replicas than this run on one thread
+SMALL_SYSTEM_ATOMS = 200
 _TOP_LEVEL_DEFAULTS = {"device": "cpu", "precision": 64, "seed": None, "overwrite": False, "num_threads": None,
                        "plots": True, "callbacks": {}}
 
@@ -191,8 +193,13 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
     c = OmegaConf.to_container(cfg, resolve=True)
     dtype = torch.float64 if int(c["precision"]) == 64 else torch.float32
     device = c.get("device", "cpu")
+    system_cfg = dict(c["system"])
+    init_cfg = system_cfg.get("initializer")
+    system = build_system(system_cfg, dtype, device)
     if c.get("num_threads"):
         torch.set_num_threads(int(c["num_threads"]))
+    elif system.n_atoms_total * system.n_replicas < SMALL_SYSTEM_ATOMS:
+        torch.set_num_threads(1)  # intra-op threads only cost time on tiny tensors
     ck = checkpoint_path(cfg)
     restart = ck is not None and ck.is_file() and not c.get("overwrite", False)
     if not restart:
@@ -202,10 +209,6 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
                     Path(name).unlink()
             shutil.rmtree(sim_dir / "plots", ignore_errors=True)
     sim_dir.mkdir(parents=True, exist_ok=True)
-
-    system_cfg = dict(c["system"])
-    init_cfg = system_cfg.get("initializer")
-    system = build_system(system_cfg, dtype, device)
     dyn = dict(c["dynamics"])
     check_keys(dyn, {"n_steps", "integrator", "thermostat", "barostat"}, "dynamics")
     integrator = build_integrator(dict(dyn.get("integrator") or {"type": "verlet", "time_step": 0.5}), system)

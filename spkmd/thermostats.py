@@ -49,6 +49,9 @@ class Thermostat(Hook):
 
     #: True if the thermostat draws random numbers
     stochastic = False
+    #: True if it acts on every atom separately (Langevin, GLE, massive NHC): it does not conserve
+    #: the centre-of-mass and angular momenta, so the temperature counts all 3N degrees of freedom
+    acts_per_atom = False
 
     def __init__(self, temperature_K: float) -> None:
         self.temperature_K = _positive("temperature_K", temperature_K)
@@ -71,6 +74,9 @@ class Thermostat(Hook):
         """Prepare for ``system`` and an integrator time step (atomic time units)."""
         self.half_dt = 0.5 * float(time_step)
         self._system = system
+        if self.acts_per_atom:
+            # COM translation/rotation removed at the start come back under this thermostat
+            system.dof = 3.0 * system.n_atoms.to(system.dtype)
         if generator is not None:
             self.generator = generator
         elif self.generator is None:
@@ -178,6 +184,7 @@ class Langevin(Thermostat):
     """
 
     stochastic = True
+    acts_per_atom = True
 
     def __init__(self, temperature_K: float, time_constant_fs: float = 100.0) -> None:
         super().__init__(temperature_K)
@@ -276,6 +283,7 @@ class NoseHooverChain(Thermostat):
             raise ThermostatError(f"n_steps must be at least 1, got {n_steps}")
         self.chain_length = int(chain_length)
         self.per_atom = bool(per_atom)
+        self.acts_per_atom = self.per_atom
         self.n_yoshida = int(n_yoshida)
         self.n_steps = int(n_steps)
 
@@ -444,6 +452,7 @@ class GLE(Thermostat):
     """
 
     stochastic = True
+    acts_per_atom = True
 
     def __init__(
         self,

@@ -162,3 +162,20 @@ def test_gle_file_and_checks(tmp_path):
         GLE(T0, A_file=tmp_path / "nope.a")
     with pytest.raises(ThermostatError, match="temperature_K"):
         Langevin(-5.0)
+
+
+@pytest.mark.parametrize("name", ["langevin", "svr"])
+def test_mean_temperature_after_com_removal(trap, name):
+    """Start without COM translation/rotation (3N-6 dof). A local thermostat (Langevin) brings
+    them back, so it counts 3N; a global one (SVR) keeps them at zero and 3N-6 stays right."""
+    s = System.from_atoms([argon_cluster(seed=k) for k in range(4)], n_replicas=2)
+    MaxwellBoltzmann(T0, remove_translation=True, remove_rotation=True)(s, torch.Generator().manual_seed(0))
+    th = THERMOSTATS[name](T0)
+    sim = Simulator(s, VelocityVerlet(10.0), trap, hooks=[th], seed=0)
+    sim.simulate(100)
+    assert s.dof.tolist() == ([39.0] * 4 if name == "langevin" else [33.0] * 4)
+    Ts = []
+    for _ in range(100):
+        sim.simulate(4)
+        Ts.append(float(s.temperature().mean()))
+    assert abs(np.mean(Ts) - T0) / T0 < 0.05, np.mean(Ts)
