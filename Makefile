@@ -19,7 +19,7 @@ setup: $(STAMP)
 # The main job on the embedded default: NVT MD of ethanol with the shipped PaiNN bundle.
 demo: setup
 	$(BIN)/spkserve info spkserve/data/ethanol-painn.bundle
-	$(BIN)/spkmd simulation_dir=runs/demo-ethanol dynamics.n_steps=2000 +dynamics/thermostat=langevin
+	$(BIN)/spkmd simulation_dir=runs/demo-ethanol overwrite=true dynamics.n_steps=2000 dynamics/thermostat=langevin system.initializer.temperature=300
 	$(BIN)/spkmd plot runs/demo-ethanol
 
 test: setup
