@@ -8,7 +8,7 @@ data/xtb/ethanol_gfn2xtb_500K) and water boxes of 192 and 1536 atoms (the
 16-molecule periodic xTB water box replicated 2x2x1 and 4x4x2). Both models
 get the same exact-cutoff neighbor pairs; calls are interleaved (ours, peer,
 ours, ...) after a warm-up, and the table shows medians with min-max. Peak RSS
-is measured in a fresh subprocess per (implementation, system, model).
+(VmHWM) is measured in a fresh subprocess per (implementation, system, model).
 
 SchNetPack is not installed in .venv; run in the benchmark venv
 (see /work/shared/BENCHMARKS.md) with our package installed editable:
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,7 +132,9 @@ def peak_rss(impl: str, system: str, kind: str) -> None:
     model, inputs = make_model(kind), make_inputs(load_system(system))
     for _ in range(2):
         call(model, inputs)
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM of this process image: ru_maxrss would include the parent's RSS at fork time
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"rss_mb": hwm_kb / 1024}))
 
 
 def measure_rss(impl: str, system: str, kind: str) -> float:
