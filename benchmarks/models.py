@@ -147,6 +147,7 @@ def measure_rss(impl: str, system: str, kind: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ethanol and 192 atoms only")
+    ap.add_argument("--systems", nargs="+", choices=list(SYSTEMS), help="systems to run (default: all)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--compiled", action="store_true", help="also time our ethanol models under torch.compile")
     ap.add_argument("--rss", nargs=3, metavar=("IMPL", "SYSTEM", "MODEL"), help=argparse.SUPPRESS)
@@ -158,7 +159,7 @@ def main() -> None:
     torch.set_num_threads(2)
     import schnetpack
 
-    systems = ["ethanol", "water192"] if args.quick else list(SYSTEMS)
+    systems = args.systems or (["ethanol", "water192"] if args.quick else list(SYSTEMS))
     rows = []
     if args.compiled:
         IMPLS.update(COMPILED)
@@ -193,7 +194,7 @@ def main() -> None:
     lines = [
         "# Bare model (energy + forces): ours vs SchNetPack 2.2.0",
         "",
-        f"Command: `{Path(sys.executable)} benchmarks/models.py{' --quick' if args.quick else ''}`  ",
+        f"Command: `{Path(sys.executable)} benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`  ",
         f"torch {torch.__version__}, schnetpack {schnetpack.__version__}, float32, 2 threads, "
         f"{platform.processor() or platform.machine()}, load average at the end {' '.join(load)}.  ",
         "Medians of interleaved calls in ms (min-max); peak RSS (MB) of a fresh process per case, ours / SchNetPack (ratio).",
