@@ -258,3 +258,30 @@ def test_zero_dim_and_int_buffers_round_trip(tmp_path):
     p = write_bundle(tmp_path / "s.bundle", model, meta, architecture={"name": "_test_scalars", "params": {}})
     b = load_bundle(p)
     assert b.model.scale.item() == 2.5 and b.model.count.item() == 7
+
+
+def test_plugin_architecture_loads_through_entry_point(tmp_path, monkeypatch):
+    """A bundle naming an architecture that only an installed plugin's entry point provides."""
+    from importlib.metadata import EntryPoint
+
+    import spkserve.registry as reg
+
+    module = tmp_path / "my_plugin_mod.py"
+    module.write_text(
+        "from spkserve.potentials.harmonic import HarmonicTrap\n"
+        "def build_plugin_trap(k):\n"
+        "    return HarmonicTrap(2.0 * k)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint(name="plugin_trap", value="my_plugin_mod:build_plugin_trap", group=reg.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(reg, "entry_points", lambda group: [ep] if group == reg.ENTRY_POINT_GROUP else [])
+    monkeypatch.delitem(reg.ARCHITECTURES, "plugin_trap", raising=False)
+    model = reg.build({"name": "plugin_trap", "params": {"k": 1.5}})
+    meta = {"species": [1], "cutoff": 0.0, "units": {"length": "Angstrom", "energy": "eV"},
+            "outputs": {"energy": {"unit": "eV", "per": "system"}, "forces": {"unit": "eV/Angstrom", "per": "atom"}}}
+    p = write_bundle(tmp_path / "plugin.bundle", model, meta)
+    # a fresh lookup (as in another process) goes through the entry point again
+    monkeypatch.delitem(reg.ARCHITECTURES, "plugin_trap")
+    b = load_bundle(p)
+    assert b.model.k == 3.0
+    monkeypatch.delitem(reg.ARCHITECTURES, "plugin_trap")
