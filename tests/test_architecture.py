@@ -30,39 +30,25 @@ def test_spkserve_never_imports_md_or_training(module):
     assert loaded == [], f"importing {module} loaded {loaded}"
 
 
-def test_spkserve_whole_package_is_clean():
-    """Import every spkserve submodule: none may pull in spkmd, training or Lightning."""
-    code = (
-        "import pkgutil, importlib, json, sys, spkserve\n"
-        "bad = {}\n"
-        "for m in pkgutil.walk_packages(spkserve.__path__, 'spkserve.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "print(json.dumps(sorted(x for x in sys.modules if x.split('.')[0] in ('spkmd','training','pytorch_lightning','lightning'))))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+WALK = (
+    "import pkgutil, importlib, json, sys, {package}\n"
+    "for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+    "    importlib.import_module(m.name)\n"
+    "print(json.dumps(sorted(x for x in sys.modules if x.split('.')[0] in {forbidden!r})))\n"
+)
 
 
-def test_spkmd_never_imports_training():
-    code = (
-        "import pkgutil, importlib, json, sys, spkmd\n"
-        "for m in pkgutil.walk_packages(spkmd.__path__, 'spkmd.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "print(json.dumps(sorted(x for x in sys.modules if x.split('.')[0] in ('training','pytorch_lightning','lightning'))))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
-
-
-def test_training_never_imports_spkmd():
-    code = (
-        "import pkgutil, importlib, json, sys, training\n"
-        "for m in pkgutil.walk_packages(training.__path__, 'training.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "print(json.dumps(sorted(x for x in sys.modules if x.split('.')[0] == 'spkmd')))\n"
-    )
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("spkserve", ("spkmd", "training", "pytorch_lightning", "lightning")),
+        ("spkmd", ("training", "pytorch_lightning", "lightning")),
+        ("training", ("spkmd",)),
+    ],
+)
+def test_whole_package_respects_import_rule(package, forbidden):
+    """Import every submodule of a package: none may pull in what ARCHITECTURE.md forbids."""
+    code = WALK.format(package=package, forbidden=forbidden)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
