@@ -362,23 +362,30 @@ class NoseHooverChain(Thermostat):
 
 # ---------------------------------------------------------------------------------------- GLE
 _UNIT_WORDS = {
-    "picoseconds^-1": "1/ps", "ps^-1": "1/ps", "femtoseconds^-1": "1/fs", "fs^-1": "1/fs",
-    "atomic time units^-1": "1/au_time", "atomic_unit": "1/au_time", "au": "1/au_time",
-    "a.u.": "1/au_time", "atomic units": "1/au_time", "k": "K", "kelvin": "K", "ev": "eV", "hartree": "Hartree",
+    "picoseconds^-1": "1/ps", "ps^-1": "1/ps", "1/ps": "1/ps", "femtoseconds^-1": "1/fs", "fs^-1": "1/fs",
+    "1/fs": "1/fs", "atomic time units^-1": "1/au_time", "1/au_time": "1/au_time",
+    "k": "K", "kelvin": "K", "ev": "eV", "hartree": "Hartree",
     "cm^-1": None,
 }
 
 
-def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # noqa: E501
-    """Read drift (A) and optional C matrices from a GLE4MD/i-PI style text file.
+def _gle_unit(word: str, kind: str, where: str) -> str | None:
+    """Unit string of a matrix-section header word (``au`` means the atomic unit of that matrix)."""
+    w = word.strip().lower()
+    if w in ("au", "a.u.", "atomic_unit", "atomic units"):
+        return {"A": "1/au_time", "C": "Hartree", "D": "au"}[kind]
+    if w not in _UNIT_WORDS:
+        raise ThermostatError(f"{where}: unknown unit {word.strip()!r} for the {kind} matrix")
+    return _UNIT_WORDS[w]
 
-    The file holds whitespace-separated square matrices. Sections start with a
-    comment line naming the matrix and optionally its unit, e.g.
-    ``# A MATRIX: (picoseconds^-1)`` and ``# C MATRIX: (K)``; a file without
-    section headers is one A matrix. Returns A in 1/au_time and C in Hartree
-    (``None`` if absent). ``A_unit``/``C_unit`` override the units of the file
-    (default 1/au_time and K). A ``# D MATRIX`` section (diffusion, Hartree/au_time) is
-    turned into C by solving the Lyapunov equation A C + C Aᵀ = D.
+
+def read_matrix_sections(path: str | Path) -> dict[str, tuple[np.ndarray, str | None]]:
+    """Read the A/C/D matrix sections of a GLE4MD/i-PI style text file.
+
+    Sections start with a comment naming the matrix and optionally its unit,
+    e.g. ``# A MATRIX: (picoseconds^-1)``; a file without headers is one A
+    matrix. A section holds one n×n matrix or several stacked (k·n rows, one
+    block per normal mode for PIGLET). Returns {name: (array [k, n, n], unit or None)}.
     """
     path = Path(path)
     if not path.is_file():
@@ -395,11 +402,7 @@ def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str |
             if m:
                 current = m.group(1).upper()
                 u = re.search(r"\(([^)]*)\)", s)
-                if u:
-                    word = u.group(1).strip()
-                    if word.lower() not in _UNIT_WORDS:
-                        raise ThermostatError(f"{path}:{lineno}: unknown unit {word!r} for the {current} matrix")
-                    unit_of[current] = _UNIT_WORDS[word.lower()]
+                unit_of[current] = _gle_unit(u.group(1), current, f"{path}:{lineno}") if u else None
             continue
         try:
             sections.setdefault(current, []).append([float(x) for x in s.split()])
@@ -407,12 +410,31 @@ def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str |
             raise ThermostatError(f"{path}:{lineno}: not a row of numbers: {s!r}") from err
     if "A" not in sections:
         raise ThermostatError(f"{path}: no A matrix found")
-    mats = {}
+    out = {}
     for name, rows in sections.items():
-        n = len(rows)
-        if any(len(r) != n for r in rows):
-            raise ThermostatError(f"{path}: the {name} matrix is not square ({n} rows of lengths {[len(r) for r in rows]})")
-        mats[name] = np.array(rows, dtype=np.float64)
+        n = len(rows[0])
+        if any(len(r) != n for r in rows) or len(rows) % n:
+            raise ThermostatError(
+                f"{path}: the {name} matrix is not square ({len(rows)} rows of lengths {sorted({len(r) for r in rows})})"
+            )
+        out[name] = (np.array(rows, dtype=np.float64).reshape(-1, n, n), unit_of.get(name))
+    return out
+
+
+def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # noqa: E501
+    """Read drift (A) and optional C matrices (one of each) from a GLE4MD/i-PI style file.
+
+    Returns A in 1/au_time and C in Hartree (``None`` if absent). ``A_unit``/``C_unit``
+    override the units of the file (default 1/au_time and K). A ``# D MATRIX``
+    section (diffusion, atomic units) is turned into C by solving the Lyapunov
+    equation A C + C Aᵀ = D. See :func:`read_matrix_sections` for the layout.
+    """
+    sections = read_matrix_sections(path)
+    for name, (m, _) in sections.items():
+        if m.shape[0] != 1:
+            raise ThermostatError(f"{path}: the {name} section holds {m.shape[0]} stacked matrices; one is expected here")
+    mats = {name: m[0] for name, (m, _) in sections.items()}
+    unit_of = {name: u for name, (_, u) in sections.items()}
     a_unit = A_unit or unit_of.get("A") or "1/au_time"
     A = mats["A"] * units.factor(a_unit, "1/au_time")
     C = None
@@ -423,7 +445,7 @@ def read_gle_matrices(path: str | Path, A_unit: str | None = None, C_unit: str |
         import scipy.linalg
 
         D = mats["D"]
-        if unit_of.get("D") not in (None, "1/au_time"):
+        if unit_of.get("D") not in (None, "au"):
             raise ThermostatError(f"{path}: give the D matrix in atomic units (Hartree/au_time)")
         if D.shape != A.shape:
             raise ThermostatError(f"{path}: D has shape {D.shape}, A has {A.shape}")

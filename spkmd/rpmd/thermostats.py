@@ -21,7 +21,6 @@ and transformed back.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from spkserve import units
 from spkmd.rpmd.normal_modes import from_normal_modes, normal_mode_frequencies, normal_mode_matrix, to_normal_modes
 from spkmd.system import System
-from spkmd.thermostats import NoseHooverChain, Thermostat, ThermostatError, _expm, _positive
+from spkmd.thermostats import NoseHooverChain, Thermostat, ThermostatError, _expm, _positive, read_matrix_sections
 
 
 class RingPolymerThermostat(Thermostat):
@@ -219,57 +218,10 @@ def check_gle_matrices(A: np.ndarray, C: np.ndarray, label: str = "") -> None:
         raise ThermostatError(f"GLE diffusion matrix D = A C + C Aᵀ{where} is not positive semi-definite")
 
 
-def _parse_unit(word: str, kind: str) -> str:
-    w = word.strip()
-    aliases = {"picoseconds^-1": "1/ps", "ps^-1": "1/ps", "femtoseconds^-1": "1/fs", "fs^-1": "1/fs",
-               "atomic_unit": "au", "atomic time units^-1": "1/au_time", "kelvin": "K"}
-    w = aliases.get(w.lower(), w)
-    if w.lower() in ("au", "a.u."):
-        return "1/au_time" if kind == "A" else "Hartree"
-    return w
-
-
 def read_mode_matrices(path: str | Path) -> dict[str, tuple[np.ndarray, str | None]]:
-    """Read stacked square matrices from a text file.
-
-    Sections begin with a comment ``# A MATRIX (unit)`` / ``# C MATRIX (unit)``; each
-    section holds one (n×n) matrix or several stacked (k·n rows of n numbers, one per
-    normal mode for PIGLET). A file without headers is A. Units: A in 1/au_time unless
-    the header names one (``1/ps``, ``1/fs``, ``au``); C in K unless named (``eV``,
-    ``Hartree``, ``K``). Returns {name: (array [k, n, n], unit or None)}.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GLE matrix file {str(path)!r} does not exist")
-    rows: dict[str, list[list[float]]] = {}
-    unit: dict[str, str | None] = {}
-    current = "A"
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        s = line.strip()
-        if not s:
-            continue
-        if s.startswith("#"):
-            m = re.search(r"\b([AC])[\s-]*MATRIX", s, re.IGNORECASE)
-            if m:
-                current = m.group(1).upper()
-                u = re.search(r"\(([^)]*)\)", s)
-                unit[current] = _parse_unit(u.group(1), current) if u else None
-            continue
-        try:
-            rows.setdefault(current, []).append([float(x) for x in s.split()])
-        except ValueError as err:
-            raise ThermostatError(f"{path}:{lineno}: not a row of numbers: {s!r}") from err
-    if "A" not in rows:
-        raise ThermostatError(f"{path}: no A matrix found")
-    out = {}
-    for name, r in rows.items():
-        n = len(r[0])
-        if any(len(x) != n for x in r) or len(r) % n:
-            raise ThermostatError(
-                f"{path}: the {name} section must hold square {n}×{n} blocks, got {len(r)} rows of lengths {sorted({len(x) for x in r})}"
-            )
-        out[name] = (np.array(r, dtype=np.float64).reshape(-1, n, n), unit.get(name))
-    return out
+    """Stacked A/C matrices (one block per normal mode, or one for all): see
+    :func:`spkmd.thermostats.read_matrix_sections`. Returns {name: (array [k, n, n], unit or None)}."""
+    return read_matrix_sections(path)
 
 
 def _convert(mats: np.ndarray, unit: str | None, kind: str) -> np.ndarray:
