@@ -133,5 +133,13 @@ def spectrum(directory: str, out_file: str, kind: str, molecule: int, skip: int,
     click.echo(f"wrote {out_file}")
 
 
+def entry() -> None:
+    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
+    from spkserve.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
+    main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

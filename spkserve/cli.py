@@ -47,3 +47,11 @@ class _LazyGroup(click.Group):
 def main() -> None:
     """Model runtime and servers: inspect bundles, write reference potentials,
     serve models to i-PI, ASE and LAMMPS."""
+
+
+def entry() -> None:
+    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
+    from spkserve.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
+    main()

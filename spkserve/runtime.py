@@ -8,7 +8,9 @@ converting from the bundle's own units with :mod:`spkserve.units`.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -16,10 +18,32 @@ import torch
 from spkserve import keys, units
 from spkserve.batch import Structure, collate
 from spkserve.bundle import BundleError, LoadedBundle, load_bundle, parse_dtype
-import functools
-
 from spkserve.neighbors import neighbor_list
+from spkserve.nn import geometry
 from spkserve.provider import PROVIDER_UNITS, ProviderError
+
+
+def _inside_cutoff(batch: dict[str, torch.Tensor], cutoff: float) -> dict[str, torch.Tensor]:
+    """``batch`` without the pairs at or beyond ``cutoff`` (model length unit).
+
+    Eager models drop skin pairs themselves; a compiled graph cannot (data-dependent
+    shapes), so the runner does it before the call."""
+    if batch[keys.idx_i].numel() == 0:
+        return batch
+    with torch.no_grad():
+        inside = torch.linalg.vector_norm(geometry.pair_vectors(batch), dim=-1) < cutoff
+        if bool(inside.all()):
+            return batch
+        keep = inside.nonzero().squeeze(1)
+    out = dict(batch)
+    for k in (keys.idx_i, keys.idx_j, keys.shifts):
+        out[k] = batch[k].index_select(0, keep)
+    return out
+
+
+def _is_compiler_error(err: Exception) -> bool:
+    mod = type(err).__module__
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "CppCompileError" in type(err).__name__
 
 
 def _plain_neighbors(positions, cell, pbc, n_atoms, cutoff, backend):
@@ -35,7 +59,12 @@ class ModelRunner:
         device: torch device.
         skin_angstrom: Verlet skin of the neighbor list (0 rebuilds every call).
         neighbor_backend: neighbor-list backend (see :mod:`spkserve.neighbors`).
-        compile: run the model through ``torch.compile``.
+        compile: run the model through ``torch.compile`` (inductor, dynamic pair and atom
+            counts, C++ wrapper). The first call compiles (tens of seconds); afterwards a
+            small molecule's energy+forces call is about 1.5-2x faster than eager
+            (``benchmarks/results/md.md``). Pairs beyond the cutoff are dropped before the
+            compiled call. If compilation fails (no C++ compiler, unsupported operation)
+            the runner warns once and continues in eager mode.
     """
 
     def __init__(
@@ -56,7 +85,13 @@ class ModelRunner:
         self.device = torch.device(device)
         # the requested dtype wins, also for analytic models without float weights
         self.dtype = want or bundle.dtype
-        self.model = torch.compile(bundle.model) if compile else bundle.model
+        #: the eager model (always available); ``compiled`` is used for calls when set
+        self.model = bundle.model
+        self.compiled = (
+            torch.compile(bundle.model.forward_functional, dynamic=True, options={"cpp_wrapper": True})
+            if compile
+            else None
+        )
         self._species = torch.zeros(119, dtype=torch.bool)
         self._species[torch.tensor(bundle.species)] = True
         # unit factors: provider (Å, eV) <-> bundle
@@ -146,8 +181,20 @@ class ModelRunner:
             batch[keys.shifts] = torch.zeros(0, 3, dtype=dt, device=dev)
         props = tuple(dict.fromkeys((keys.energy, *properties)))
         with torch.enable_grad():
-            out = self.model(batch, properties=props)
+            out = self._call(batch, props)
         return {k: (v.detach() * self._from_model[k] if self._from_model.get(k, 1.0) != 1.0 else v.detach()) for k, v in out.items() if k in props}
+
+    def _call(self, batch: dict[str, torch.Tensor], props: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:
+            try:
+                with torch.no_grad():
+                    return self.compiled(_inside_cutoff(batch, self.bundle.cutoff), props)
+            except Exception as err:  # inductor/dynamo failures: fall back to eager, once
+                if not _is_compiler_error(err):
+                    raise
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running the model eagerly")
+                self.compiled = None
+        return self.model(batch, properties=props)
 
     def compute(
         self, structures: Sequence[Structure], properties: Sequence[str] = (keys.energy, keys.forces)

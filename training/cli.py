@@ -136,5 +136,13 @@ def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_p
     click.echo(f"parity plot: {plot_path}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
+    from spkserve.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
     main()
+
+
+if __name__ == "__main__":
+    entry()
