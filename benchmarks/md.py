@@ -73,7 +73,7 @@ def ours_bundle(kind: str, directory: Path) -> Path:
     return write_bundle(path, m.float(), meta)
 
 
-def ours_worker(system_name: str, kind: str, dynamics: str, skin: float) -> dict:
+def ours_worker(system_name: str, kind: str, dynamics: str, skin: float, compiled: bool = False) -> dict:
     from spkserve import keys, units
     from spkserve.batch import Structure, collate
     from spkserve.neighbors import add_neighbor_pairs
@@ -87,21 +87,34 @@ def ours_worker(system_name: str, kind: str, dynamics: str, skin: float) -> dict
     atoms = load_system(system_name)
     with tempfile.TemporaryDirectory() as d:
         path = ours_bundle(kind, Path(d))
-        calc = BundleCalculator(path, dtype="float32", skin_angstrom=skin, stress=False)
+        calc = BundleCalculator(path, dtype="float32", skin_angstrom=skin, stress=False, compile=compiled)
     system = System.from_atoms(atoms, dtype=torch.float32)
     MaxwellBoltzmann(300.0)(system, torch.Generator().manual_seed(0))
     hooks = [Langevin(300.0, 100.0)] if dynamics == "langevin" else []
     sim = Simulator(system, VelocityVerlet(TIME_STEP_FS), calc, hooks=hooks, seed=0)
     warm, chunks, per = PLAN[system_name]
+    t0 = time.perf_counter()
     sim.simulate(warm)
+    warm_s = time.perf_counter() - t0
     step_ms = []
     for _ in range(chunks):
         t = time.perf_counter()
         sim.simulate(per)
         step_ms.append((time.perf_counter() - t) / per * 1e3)
     # bare model call: precomputed exact-cutoff pairs, energy + forces
-    model = calc.provider.model
+    runner = calc.provider
+    if compiled:
+        from spkserve.runtime import SMALL_PAIRS
+
+        def model(b, props):
+            with torch.no_grad():
+                return runner.compiled_model(b[keys.idx_i].shape[0] < SMALL_PAIRS)(b, props)
+    else:
+        model = runner.model
     batch = add_neighbor_pairs(collate([Structure.from_atoms(atoms)], dtype=torch.float32), CUTOFF)
+    model(batch, (keys.energy, keys.forces))
+    if compiled:
+        assert runner.compile, "compilation failed; see the warning"
     bare_ms, provider_ms = [], []
     for _ in range(chunks):
         t = time.perf_counter()
@@ -122,7 +135,7 @@ def ours_worker(system_name: str, kind: str, dynamics: str, skin: float) -> dict
         "step_ms": step_ms, "bare_ms": bare_ms, "provider_ms": provider_ms,
         "pairs": int(batch[keys.idx_i].numel()), "n_atoms": len(atoms),
         "nl_builds": getattr(nl, "n_builds", None), "nl_calls": getattr(nl, "n_calls", None),
-        "T_K": float(system.temperature().mean()),
+        "T_K": float(system.temperature().mean()), "warmup_s": warm_s,
     }
 
 
@@ -175,13 +188,25 @@ def spk_worker(system_name: str, kind: str, dynamics: str, skin: float) -> dict:
     return {"step_ms": step_ms, "n_atoms": len(atoms)}
 
 
-WORKERS = {"ours": ours_worker, "schnetpack": spk_worker}
+WORKERS = {
+    "ours": ours_worker,
+    "ours-compiled": lambda *a: ours_worker(*a, compiled=True),
+    "schnetpack": spk_worker,
+}
 
 
-def run_case(impl: str, system: str, kind: str, dynamics: str, skin: float, threads: int) -> dict:
+def run_case(impl: str, system: str, kind: str, dynamics: str, skin: float, threads: int, tune_peer: bool) -> dict:
+    """One case in a fresh process. Ours gets the allocator tunable that the ``spkmd``
+    command sets for itself (spkserve.allocator); SchNetPack runs as installed unless
+    ``tune_peer``."""
+    from spkserve.allocator import tuned_environment
+
+    env = None
+    if impl.startswith("ours") or tune_peer:
+        env = tuned_environment()
     out = subprocess.run(
         [sys.executable, __file__, "--worker", impl, system, kind, dynamics, "--skin", str(skin), "--threads", str(threads)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {system} {kind} {dynamics} failed:\n{out.stderr[-3000:]}")
@@ -198,7 +223,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds of (ours, SchNetPack) per case")
     ap.add_argument("--skin", type=float, default=2.0, help="our neighbor-list skin in Å")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process")
-    ap.add_argument("--systems", nargs="*", default=None)
+    ap.add_argument("--systems", nargs="*", default=None, help="ethanol water192 water1536")
+    ap.add_argument("--models", nargs="*", default=["schnet", "painn"])
+    ap.add_argument("--modes", choices=("eager", "compiled", "both"), default="both", help="spkmd modes to run")
+    ap.add_argument("--tune-peer", action="store_true", help="give SchNetPack the same allocator tunable")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "md.md"))
     ap.add_argument("--worker", nargs=4, metavar=("IMPL", "SYSTEM", "MODEL", "DYNAMICS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,49 +240,68 @@ def main() -> None:
     import schnetpack
 
     systems = args.systems or (["ethanol", "water192"] if args.quick else ["ethanol", "water192", "water1536"])
+    ours_impls = {"eager": ["ours"], "compiled": ["ours-compiled"], "both": ["ours", "ours-compiled"]}[args.modes]
     loads = []
     rows = []
     for system in systems:
-        for kind in ("schnet", "painn"):
+        for kind in args.models:
             for dynamics in ("nve", "langevin"):
-                res = {"ours": [], "schnetpack": []}
+                res = {impl: [] for impl in (*ours_impls, "schnetpack")}
                 for _ in range(args.repeats):
-                    for impl in ("ours", "schnetpack"):
-                        res[impl].append(run_case(impl, system, kind, dynamics, args.skin, args.threads))
+                    for impl in res:
+                        res[impl].append(run_case(impl, system, kind, dynamics, args.skin, args.threads, args.tune_peer))
                         loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
-                o, s = res["ours"], res["schnetpack"]
-                o_step = [x for r in o for x in r["step_ms"]]
+                s = res["schnetpack"]
                 s_step = [x for r in s for x in r["step_ms"]]
-                bare = [x for r in o for x in r["bare_ms"]]
-                prov = [x for r in o for x in r["provider_ms"]]
-                row = {
-                    "system": f"{system} ({o[0]['n_atoms']} atoms, {o[0]['pairs']} pairs)", "model": kind, "dyn": dynamics,
-                    "ours": fmt(o_step), "spk": fmt(s_step),
-                    "speedup": f"{statistics.median(s_step) / statistics.median(o_step):.2f}x",
-                    "bare": fmt(bare), "provider": fmt(prov),
-                    "overhead": f"{(statistics.median(o_step) / statistics.median(bare) - 1) * 100:+.0f}%",
-                    "rss": f"{max(r['rss_mb'] for r in o):.0f} / {max(r['rss_mb'] for r in s):.0f}",
-                    "nl": f"{o[0]['nl_builds']}/{o[0]['nl_calls']}",
-                }
-                rows.append(row)
-                print(row, flush=True)
+                for impl in ours_impls:
+                    o = res[impl]
+                    o_step = [x for r in o for x in r["step_ms"]]
+                    bare = [x for r in o for x in r["bare_ms"]]
+                    prov = [x for r in o for x in r["provider_ms"]]
+                    row = {
+                        "system": f"{system} ({o[0]['n_atoms']} atoms, {o[0]['pairs']} pairs)", "model": kind,
+                        "dyn": dynamics, "mode": "compiled" if impl.endswith("compiled") else "eager",
+                        "ours": fmt(o_step), "spk": fmt(s_step),
+                        "speedup": f"{statistics.median(s_step) / statistics.median(o_step):.2f}x",
+                        "bare": fmt(bare), "provider": fmt(prov),
+                        "overhead": f"{(statistics.median(o_step) / statistics.median(bare) - 1) * 100:+.0f}%",
+                        "rss": f"{max(r['rss_mb'] for r in o):.0f} / {max(r['rss_mb'] for r in s):.0f}",
+                        "rss_ratio": f"{max(r['rss_mb'] for r in o) / max(r['rss_mb'] for r in s):.2f}",
+                        "warm": f"{statistics.median(r['warmup_s'] for r in o):.1f}",
+                        "nl": f"{o[0]['nl_builds']}/{o[0]['nl_calls']}",
+                    }
+                    rows.append(row)
+                    print(row, flush=True)
+    cmd = (
+        f"{Path(sys.executable)} benchmarks/md.py{' --quick' if args.quick else ''} --repeats {args.repeats} "
+        f"--skin {args.skin} --threads {args.threads} --modes {args.modes}"
+        + (f" --systems {' '.join(args.systems)}" if args.systems else "")
+        + (f" --models {' '.join(args.models)}" if args.models != ["schnet", "painn"] else "")
+        + (" --tune-peer" if args.tune_peer else "")
+    )
     lines = [
         "# MD step: spkmd vs schnetpack.md 2.2.0",
         "",
-        f"Command: `{Path(sys.executable)} benchmarks/md.py{' --quick' if args.quick else ''} --repeats {args.repeats} --skin {args.skin} --threads {args.threads}`  ",
+        f"Command: `{cmd}`  ",
         f"torch {torch.__version__}, schnetpack {schnetpack.__version__}, float32, {args.threads} threads, time step {TIME_STEP_FS} fs, "
         f"{platform.machine()}; 1-min load average during the run: {min(loads):.1f}-{max(loads):.1f} (2 cores, shared).  ",
-        "ms per MD step: median over timed chunks of all rounds (min-max). `bare model`: our model's energy+forces call "
-        "on a batch with precomputed pairs; `provider`: ModelRunner.compute_tensors (skin list + model + conversions); "
-        "`MD overhead`: our step over the bare model. Peak RSS of a fresh process per case (ours / SchNetPack). "
-        "`NL builds`: our neighbor-list builds / calls in the first round.",
+        "ms per MD step: median over timed chunks of all rounds (min-max). `mode`: spkmd eager (default) or with "
+        "`calculator.compile=true` (torch.compile of the functional energy+forces graph). `bare model`: the model's "
+        "energy+forces call in that mode on a batch with precomputed pairs; `provider`: ModelRunner.compute_tensors "
+        "(skin list + model + conversions); `MD overhead`: our step over the bare model. Peak RSS of a fresh process "
+        "per case (ours / SchNetPack, and the ratio). `warm-up s`: our first steps including compilation. "
+        "Our workers run with the allocator tunable the `spkmd` command sets (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`); "
+        + ("SchNetPack gets it too (`--tune-peer`). " if args.tune_peer else "SchNetPack runs as installed. ")
+        + "`NL builds`: our neighbor-list builds / calls in the first round.",
         "",
-        "| system | model | dynamics | spkmd ms/step | SchNetPack ms/step | speed-up | bare model ms | provider ms | MD overhead | peak RSS MB | NL builds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| system | model | dynamics | mode | spkmd ms/step | SchNetPack ms/step | speed-up | bare model ms | provider ms "
+        "| MD overhead | peak RSS MB | RSS ratio | warm-up s | NL builds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {r['system']} | {r['model']} | {r['dyn']} | {r['ours']} | {r['spk']} | {r['speedup']} | {r['bare']} | "
-        f"{r['provider']} | {r['overhead']} | {r['rss']} | {r['nl']} |" for r in rows
+        f"| {r['system']} | {r['model']} | {r['dyn']} | {r['mode']} | {r['ours']} | {r['spk']} | {r['speedup']} | "
+        f"{r['bare']} | {r['provider']} | {r['overhead']} | {r['rss']} | {r['rss_ratio']} | {r['warm']} | {r['nl']} |"
+        for r in rows
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

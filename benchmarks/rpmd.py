@@ -38,7 +38,7 @@ TAU_FS = 100.0
 PLAN = {"ethanol": (5, 4, 10), "water192": (1, 2, 1)}
 
 
-def ours_worker(system_name: str, kind: str, n_beads: int) -> dict:
+def ours_worker(system_name: str, kind: str, n_beads: int, compiled: bool = False) -> dict:
     from spkmd.calculators import BundleCalculator
     from spkmd.initializers import MaxwellBoltzmann
     from spkmd.rpmd import PILELocal, RingPolymerIntegrator
@@ -48,12 +48,14 @@ def ours_worker(system_name: str, kind: str, n_beads: int) -> dict:
     atoms = mdbench.load_system(system_name)
     with tempfile.TemporaryDirectory() as d:
         path = mdbench.ours_bundle(kind, Path(d))
-        calc = BundleCalculator(path, dtype="float32", skin_angstrom=2.0, stress=False)
+        calc = BundleCalculator(path, dtype="float32", skin_angstrom=2.0, stress=False, compile=compiled)
     system = System.from_atoms(atoms, n_replicas=n_beads, dtype=torch.float32)
     MaxwellBoltzmann(T_K * n_beads)(system, torch.Generator().manual_seed(0))
     sim = Simulator(system, RingPolymerIntegrator(TIME_STEP_FS, T_K), calc, hooks=[PILELocal(T_K, TAU_FS)], seed=0)
     warm, chunks, per = PLAN[system_name]
+    t0 = time.perf_counter()
     sim.simulate(warm)
+    warm_s = time.perf_counter() - t0
     step_ms = []
     for _ in range(chunks):
         t = time.perf_counter()
@@ -73,7 +75,7 @@ def ours_worker(system_name: str, kind: str, n_beads: int) -> dict:
             calc.provider.compute_tensors(numbers, pos, cells, system.pbc.repeat(R, 1), system.n_atoms.repeat(R),
                                           (keys.energy, keys.forces))
         prov.append((time.perf_counter() - t) / per * 1e3)
-    return {"step_ms": step_ms, "provider_ms": prov, "n_atoms": len(atoms),
+    return {"step_ms": step_ms, "provider_ms": prov, "n_atoms": len(atoms), "warmup_s": warm_s,
             "T_centroid_K": float(system.centroid_temperature().mean())}
 
 
@@ -105,13 +107,21 @@ def spk_worker(system_name: str, kind: str, n_beads: int) -> dict:
     return {"step_ms": step_ms, "n_atoms": len(atoms)}
 
 
-WORKERS = {"ours": ours_worker, "schnetpack": spk_worker}
+WORKERS = {
+    "ours": ours_worker,
+    "ours-compiled": lambda *a: ours_worker(*a, compiled=True),
+    "schnetpack": spk_worker,
+}
 
 
 def run_case(impl: str, system: str, kind: str, n_beads: int, threads: int) -> dict:
+    """One case in a fresh process; ours with the allocator tunable the ``spkmd`` command sets."""
+    from spkserve.allocator import tuned_environment
+
+    env = tuned_environment() if impl.startswith("ours") else None
     out = subprocess.run(
         [sys.executable, __file__, "--worker", impl, system, kind, str(n_beads), "--threads", str(threads)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {system} {kind} {n_beads} beads failed:\n{out.stderr[-3000:]}")
@@ -129,6 +139,7 @@ def main() -> None:
     ap.add_argument("--systems", nargs="*", default=["ethanol", "water192"])
     ap.add_argument("--beads", nargs="*", type=int, default=[8, 16])
     ap.add_argument("--models", nargs="*", default=["schnet", "painn"])
+    ap.add_argument("--modes", choices=("eager", "compiled", "both"), default="both", help="spkmd modes to run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rpmd.md"))
     ap.add_argument("--worker", nargs=4, metavar=("IMPL", "SYSTEM", "MODEL", "BEADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,43 +152,52 @@ def main() -> None:
         return
     import schnetpack
 
+    ours_impls = {"eager": ["ours"], "compiled": ["ours-compiled"], "both": ["ours", "ours-compiled"]}[args.modes]
     loads, rows = [], []
     for system in args.systems:
         for kind in args.models:
             for beads in args.beads:
-                res = {"ours": [], "schnetpack": []}
+                res = {impl: [] for impl in (*ours_impls, "schnetpack")}
                 for _ in range(args.repeats):
-                    for impl in ("ours", "schnetpack"):
+                    for impl in res:
                         res[impl].append(run_case(impl, system, kind, beads, args.threads))
                         loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
-                o = [x for r in res["ours"] for x in r["step_ms"]]
                 s = [x for r in res["schnetpack"] for x in r["step_ms"]]
-                prov = [x for r in res["ours"] for x in r["provider_ms"]]
-                row = {
-                    "system": f"{system} ({res['ours'][0]['n_atoms']} atoms)", "model": kind, "beads": beads,
-                    "ours": fmt(o), "spk": fmt(s), "speedup": f"{statistics.median(s) / statistics.median(o):.2f}x",
-                    "steps_s": f"{1e3 / statistics.median(o):.1f} / {1e3 / statistics.median(s):.1f}",
-                    "provider": fmt(prov),
-                    "rss": f"{max(r['rss_mb'] for r in res['ours']):.0f} / {max(r['rss_mb'] for r in res['schnetpack']):.0f}",
-                }
-                rows.append(row)
-                print(row, flush=True)
+                for impl in ours_impls:
+                    o = [x for r in res[impl] for x in r["step_ms"]]
+                    prov = [x for r in res[impl] for x in r["provider_ms"]]
+                    row = {
+                        "system": f"{system} ({res[impl][0]['n_atoms']} atoms)", "model": kind, "beads": beads,
+                        "mode": "compiled" if impl.endswith("compiled") else "eager",
+                        "ours": fmt(o), "spk": fmt(s), "speedup": f"{statistics.median(s) / statistics.median(o):.2f}x",
+                        "steps_s": f"{1e3 / statistics.median(o):.1f} / {1e3 / statistics.median(s):.1f}",
+                        "provider": fmt(prov),
+                        "rss": f"{max(r['rss_mb'] for r in res[impl]):.0f} / {max(r['rss_mb'] for r in res['schnetpack']):.0f}",
+                        "warm": f"{statistics.median(r['warmup_s'] for r in res[impl]):.1f}",
+                    }
+                    rows.append(row)
+                    print(row, flush=True)
     lines = [
         "# Ring-polymer MD: spkmd.rpmd vs schnetpack.md 2.2.0",
         "",
         f"Command: `{Path(sys.executable)} benchmarks/rpmd.py --repeats {args.repeats} --threads {args.threads} "
-        f"--systems {' '.join(args.systems)} --beads {' '.join(map(str, args.beads))} --models {' '.join(args.models)}`  ",
+        f"--systems {' '.join(args.systems)} --beads {' '.join(map(str, args.beads))} --models {' '.join(args.models)} "
+        f"--modes {args.modes}`  ",
         f"torch {torch.__version__}, schnetpack {schnetpack.__version__}, float32, {args.threads} threads, RPMD + PILE-L "
         f"{T_K:g} K, time step {TIME_STEP_FS} fs, {platform.machine()}; 1-min load average during the run: "
         f"{min(loads):.1f}-{max(loads):.1f} (2 cores, shared: absolute times are inflated, compare the ratio).  ",
-        "ms per RPMD step (all beads): median over timed chunks of all rounds (min-max); `provider`: our one-call "
-        "evaluation of all beads (skin list + model) without the integrator. Peak RSS per fresh process (ours / SchNetPack).",
+        "ms per RPMD step (all beads): median over timed chunks of all rounds (min-max); `mode`: spkmd eager (default) "
+        "or with `calculator.compile=true`; `provider`: our one-call "
+        "evaluation of all beads (skin list + model) without the integrator. Peak RSS per fresh process (ours / SchNetPack); "
+        "`warm-up s`: our first steps including compilation. Ours runs with the allocator tunable the `spkmd` command "
+        "sets (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), SchNetPack as installed.",
         "",
-        "| system | model | beads | spkmd ms/step | SchNetPack ms/step | speed-up | steps/s (ours / SchNetPack) | provider ms | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| system | model | beads | mode | spkmd ms/step | SchNetPack ms/step | speed-up | steps/s (ours / SchNetPack) "
+        "| provider ms | peak RSS MB | warm-up s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['system']} | {r['model']} | {r['beads']} | {r['ours']} | {r['spk']} | {r['speedup']} | {r['steps_s']} | "
-              f"{r['provider']} | {r['rss']} |" for r in rows]
+    lines += [f"| {r['system']} | {r['model']} | {r['beads']} | {r['mode']} | {r['ours']} | {r['spk']} | {r['speedup']} | "
+              f"{r['steps_s']} | {r['provider']} | {r['rss']} | {r['warm']} |" for r in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

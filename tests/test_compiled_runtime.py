@@ -53,9 +53,14 @@ def test_functional_path_of_reference_potentials(tmp_path, name, params):
         torch.testing.assert_close(got[k], ref[k].detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_compiled_runner_matches_eager_across_neighbor_list_rebuilds(tmp_path):
-    """One real inductor compilation (dynamic pair counts): the same numbers as eager while
-    atoms move, the skin list rebuilds and the pair count changes; no recompilation."""
+@pytest.mark.parametrize("small", [True, False], ids=["small-batch-graph", "large-batch-graph"])
+def test_compiled_runner_matches_eager_across_neighbor_list_rebuilds(tmp_path, monkeypatch, small):
+    """A real inductor compilation (dynamic pair counts): the same numbers as eager while
+    atoms move, the skin list rebuilds and the pair count changes; no recompilation.
+    The large-batch graph drops skin pairs before the call, the small one masks them."""
+    import spkserve.runtime
+
+    monkeypatch.setattr(spkserve.runtime, "SMALL_PAIRS", 10**9 if small else 0)
     torch.manual_seed(0)
     model = energy_model("schnet").float()
     meta = {"species": [1, 6, 7, 8], "cutoff": 3.5, "units": {"length": "Angstrom", "energy": "eV"},
@@ -77,7 +82,7 @@ def test_compiled_runner_matches_eager_across_neighbor_list_rebuilds(tmp_path):
         torch.testing.assert_close(c[keys.energy], a[keys.energy], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c[keys.forces], a[keys.forces], rtol=1e-4, atol=1e-4)
         pairs.add(int((torch.cdist(R, R) < 3.5).sum()) - len(at))
-    assert compiled.compiled is not None, "the compiled path fell back to eager"
+    assert compiled.compile and list(compiled._compiled) == [small], "the compiled path fell back to eager"
     assert len(pairs) > 2, "the test should change the number of pairs inside the cutoff"
     assert compiled.neighbors.n_builds > 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2, "recompiled for new pair counts"
@@ -94,13 +99,33 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(lj_bundle):
     def broken(*args, **kwargs):
         raise BackendCompilerFailed("no C++ compiler")
 
-    runner.compiled = broken
+    runner.compiled_model = lambda small: broken
     at = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]])
     from spkserve.batch import Structure
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = runner.compute([Structure.from_atoms(at)])
-    assert runner.compiled is None
+    assert not runner.compile
     assert any("running the model eagerly" in str(w.message) for w in caught)
     assert out[keys.forces].shape == (2, 3)
+
+
+def test_species_check_is_redone_for_new_or_modified_tensors(tmp_path):
+    """The per-call species check is cached only for the very same, unmodified tensor."""
+    from spkserve.provider import ProviderError
+
+    torch.manual_seed(0)
+    meta = {"species": [1, 6, 7, 8], "cutoff": 3.5, "units": {"length": "Angstrom", "energy": "eV"},
+            "outputs": default_outputs("eV", "Angstrom", stress=False)}
+    runner = ModelRunner(write_bundle(tmp_path / "m.bundle", energy_model("schnet"), meta))
+    R = torch.tensor([[0.0, 0, 0], [1.1, 0, 0]], dtype=torch.float64)
+    cells, pbc, n = torch.zeros(1, 3, 3), torch.zeros(1, 3, dtype=torch.bool), torch.tensor([2])
+    Z = torch.tensor([6, 8])
+    runner.compute_tensors(Z, R, cells, pbc, n)
+    runner.compute_tensors(Z, R, cells, pbc, n)
+    Z[1] = 18  # modified in place: checked again
+    with pytest.raises(ProviderError, match="18"):
+        runner.compute_tensors(Z, R, cells, pbc, n)
+    with pytest.raises(ProviderError, match="18"):
+        runner.compute_tensors(torch.tensor([6, 18]), R, cells, pbc, n)
