@@ -219,7 +219,7 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
         hooks.append(build_barostat(dict(dyn["barostat"])))
     n_steps = int(dyn.get("n_steps", 0))
     hooks += build_callbacks(c.get("callbacks") or {}, sim_dir, n_steps)
-    calculator = build_calculator(dict(c["calculator"]), system, dtype, device, sim_dir)
+    calculator = build_calculator(dict(c["calculator"]), system, dtype, device, sim_dir, n_steps=n_steps)
     calculator.check(system)
 
     seed = c.get("seed")

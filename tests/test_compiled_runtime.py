@@ -53,11 +53,12 @@ def test_functional_path_of_reference_potentials(tmp_path, name, params):
         torch.testing.assert_close(got[k], ref[k].detach(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["small-batch-graph", "large-batch-graph"])
+@pytest.mark.parametrize("small", [True, False], ids=["small-batch-compiled", "large-batch-eager"])
 def test_compiled_runner_matches_eager_across_neighbor_list_rebuilds(tmp_path, monkeypatch, small):
     """A real inductor compilation (dynamic pair counts): the same numbers as eager while
-    atoms move, the skin list rebuilds and the pair count changes; no recompilation.
-    The large-batch graph drops skin pairs before the call, the small one masks them."""
+    atoms move, the skin list rebuilds and the pair count changes (skin pairs masked by
+    the cutoff function inside the graph); no recompilation. Batches above SMALL_PAIRS
+    never compile."""
     import spkserve.runtime
 
     monkeypatch.setattr(spkserve.runtime, "SMALL_PAIRS", 10**9 if small else 0)
@@ -82,7 +83,8 @@ def test_compiled_runner_matches_eager_across_neighbor_list_rebuilds(tmp_path, m
         torch.testing.assert_close(c[keys.energy], a[keys.energy], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c[keys.forces], a[keys.forces], rtol=1e-4, atol=1e-4)
         pairs.add(int((torch.cdist(R, R) < 3.5).sum()) - len(at))
-    assert compiled.compile and list(compiled._compiled) == [small], "the compiled path fell back to eager"
+    assert compiled.compile, "the compiled path fell back to eager"
+    assert (compiled._compiled is not None) == small
     assert len(pairs) > 2, "the test should change the number of pairs inside the cutoff"
     assert compiled.neighbors.n_builds > 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2, "recompiled for new pair counts"
@@ -99,7 +101,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(lj_bundle):
     def broken(*args, **kwargs):
         raise BackendCompilerFailed("no C++ compiler")
 
-    runner.compiled_model = lambda small: broken
+    runner.compiled_model = lambda: broken
     at = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]])
     from spkserve.batch import Structure
 

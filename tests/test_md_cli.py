@@ -101,3 +101,15 @@ def test_clear_errors(tmp_path):
 def test_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "spkmd.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "export" in out.stdout and "run" in out.stdout
+
+
+def test_calculator_compile_choice():
+    """calculator.compile: true/false as given; auto compiles only long runs; anything else is an error."""
+    from spkmd.factory import AUTO_COMPILE_MIN_STEPS, ConfigError, compile_choice
+
+    assert compile_choice(True, 10) and not compile_choice(False, 10**9)
+    assert not compile_choice("auto", AUTO_COMPILE_MIN_STEPS - 1)
+    assert compile_choice("auto", AUTO_COMPILE_MIN_STEPS) and compile_choice(None, AUTO_COMPILE_MIN_STEPS)
+    assert not compile_choice("auto", None)
+    with pytest.raises(ConfigError, match="calculator.compile must be true, false or auto"):
+        compile_choice("yes please", 100)
