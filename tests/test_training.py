@@ -334,3 +334,43 @@ def test_ddp_two_cpu_processes_split_the_data(ethanol_db, tmp_path):
     assert sorted(r0["seen"] + r1["seen"]) == list(range(20))  # the 20 training frames, each once
     assert math.isfinite(r0["loss"]) and math.isfinite(r1["loss"])
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_compiled_training_step_gives_the_eager_loss_and_gradients():
+    """task.compile: the functional forward (forces by torch.func.grad) under torch.compile
+    (aot_eager: the same graph capture and autograd as inductor, without C++ code generation)
+    gives the loss and parameter gradients of the eager double-backward step."""
+    from spkserve.batch import Structure, collate
+    from spkserve.neighbors import add_neighbor_pairs
+    from spkserve.nn.models import painn_energy_model
+    from training.losses import ModelOutput
+    from training.task import AtomisticTask
+
+    from ase.build import molecule
+
+    frames = []
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        at = molecule("CH3CH2OH")
+        at.positions += rng.normal(scale=0.05, size=at.positions.shape)
+        frames.append(at)
+    batch = add_neighbor_pairs(collate([Structure.from_atoms(a) for a in frames], dtype=torch.float64), 4.0)
+    batch["energy"] = torch.tensor(rng.normal(size=3))
+    batch["forces"] = torch.tensor(rng.normal(size=(27, 3)))
+    outputs = [ModelOutput("energy", "mse", 0.01, ("mae",)), ModelOutput("forces", "mse", 0.99, ("mae",))]
+    grads, losses = [], []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = painn_energy_model(cutoff=4.0, n_atom_basis=8, n_interactions=2, n_rbf=6).double().train()
+        task = AtomisticTask(model, outputs, compile=compile_, compile_backend="aot_eager")
+        task.log = lambda *a, **k: None  # no trainer attached
+        torch._dynamo.reset()
+        loss = task.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="forward_functional"):
+        AtomisticTask(torch.nn.Linear(2, 2), outputs, compile=True)
