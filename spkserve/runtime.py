@@ -196,6 +196,9 @@ class ModelRunner:
         """The compiled :meth:`~spkserve.model.AtomisticModel.forward_functional` (created on
         first use): dynamic shapes, C++ wrapper, single-threaded kernels (small batches)."""
         if self._compiled is None:
+            for m in self.model.modules():  # e.g. SchNet builds its filter table outside the graph
+                if hasattr(m, "prepare_for_compile"):
+                    m.prepare_for_compile()
             self._compiled = torch.compile(
                 self.model.forward_functional, dynamic=True, options={"cpp_wrapper": True, "cpp.threads": 1}
             )

@@ -131,3 +131,20 @@ def test_species_check_is_redone_for_new_or_modified_tensors(tmp_path):
         runner.compute_tensors(Z, R, cells, pbc, n)
     with pytest.raises(ProviderError, match="18"):
         runner.compute_tensors(torch.tensor([6, 18]), R, cells, pbc, n)
+
+
+def test_schnet_tabulated_filters_match_the_networks_and_vanish_beyond_the_cutoff():
+    """The compiled SchNet reads its filters from the Hermite table: equal to the filter
+    networks inside the cutoff, exactly zero for skin pairs beyond it, and the distance
+    derivative is the interpolant's (close to the network's)."""
+    model = energy_model("schnet").float()
+    rep = model.representation
+    rep.prepare_for_compile()
+    d = torch.cat([torch.linspace(0.05, 3.499, 500), torch.tensor([3.5, 3.7, 4.4])]).requires_grad_(True)
+    a, b = rep.filters(d), rep.tabulated_filters(d)
+    inside = d < 3.5
+    torch.testing.assert_close(b[:, inside], a[:, inside], rtol=0, atol=2e-6)
+    assert torch.all(b[:, ~inside] == 0)
+    ga = torch.autograd.grad(a.sum(), d)[0]
+    gb = torch.autograd.grad(b.sum(), d)[0]
+    torch.testing.assert_close(gb[inside], ga[inside], rtol=1e-3, atol=1e-3)

@@ -131,7 +131,11 @@ class SchNet(nn.Module):
             if self.filter_table_points:
                 return {SCALAR: self._forward_tabulated(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
             return {SCALAR: self._forward_fused(Z, geometry[PAIR_DISTANCES], idx_i, idx_j)}
-        filters = self.filters(geometry[PAIR_DISTANCES]).unbind(0)
+        if self.filter_table_points and not self.training and self._table is not None and _is_compiling():
+            # compiled inference (see prepare_for_compile): filters from the table, in plain ops
+            filters = self.tabulated_filters(geometry[PAIR_DISTANCES]).unbind(0)
+        else:
+            filters = self.filters(geometry[PAIR_DISTANCES]).unbind(0)
         x = self.embedding(Z)
         n_atoms = x.shape[0]
         if self._ssp:  # fold the -log2 of the shifted softplus into the next bias
@@ -200,6 +204,24 @@ class SchNet(nn.Module):
         ).to(self.filter_w1.dtype).contiguous()  # [n_sets, 4, G, nf]
         self._table, self._table_key = coeffs, key
         return coeffs
+
+    def prepare_for_compile(self) -> None:
+        """Build the filter table now, so that a compiled inference graph reads filters from
+        it (:meth:`tabulated_filters`) instead of evaluating the filter networks per pair."""
+        if self.filter_table_points and not self.training:
+            self.filter_table()
+
+    def tabulated_filters(self, d_ij: torch.Tensor) -> torch.Tensor:
+        """Cutoff-weighted filters of all blocks read from the Hermite table with plain
+        differentiable operations (the derivative is the interpolant's).  [n_sets, P, nf]"""
+        table = self._table  # [n_sets, 4, G, nf]
+        t = d_ij * (self.filter_table_points / self.cutoff)
+        k = t.detach().long().clamp(0, table.shape[2] - 1)
+        s = (t - k.to(t.dtype)).view(1, -1, 1)
+        c = table.index_select(2, k)  # [n_sets, 4, P, nf]
+        w = ((c[:, 3] * s + c[:, 2]) * s + c[:, 1]) * s + c[:, 0]
+        # skin pairs (d >= cutoff) would extrapolate the last interval: their filter is 0
+        return w * (d_ij < self.cutoff).to(w.dtype).view(1, -1, 1)
 
     def _forward_tabulated(
         self, Z: torch.Tensor, d_ij: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor
