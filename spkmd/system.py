@@ -271,7 +271,7 @@ class System:
         eye = torch.eye(3, dtype=self.dtype, device=self.device)
         inertia_atoms = m.unsqueeze(-1) * (r2.unsqueeze(-1) * eye - r.unsqueeze(-1) * r.unsqueeze(-2))
         inertia = self.sum_molecules(inertia_atoms)  # [R, M, 3, 3]
-        omega = torch.linalg.lstsq(inertia, L.unsqueeze(-1), rcond=1e-10).solution.squeeze(-1)  # pseudo-inverse for linear molecules
+        omega = _solve_inertia(inertia, L)
         v_rot = torch.cross(self.expand_molecules(omega), r, dim=-1)
         self.momenta -= v_rot * m
 
@@ -398,3 +398,29 @@ class System:
                 atoms.calc = SinglePointCalculator(atoms, **res)
             out.append(atoms)
         return out
+
+
+def _solve_inertia(inertia: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """ω with I ω = L for symmetric 3x3 inertia tensors [..., 3, 3] (pseudo-inverse for linear
+    molecules, 0 for single atoms), in closed form.
+
+    Elementwise arithmetic only: LAPACK solvers (MKL) can differ in the last bit from call to
+    call depending on memory alignment, which made seeded initial states irreproducible.
+    """
+    a, b, c = inertia[..., 0, 0], inertia[..., 0, 1], inertia[..., 0, 2]
+    d, e, f = inertia[..., 1, 1], inertia[..., 1, 2], inertia[..., 2, 2]
+    A00, A01, A02 = d * f - e * e, c * e - b * f, b * e - c * d
+    A11, A12, A22 = a * f - c * c, b * c - a * e, a * d - b * b
+    det = a * A00 + b * A01 + c * A02
+    L0, L1, L2 = L[..., 0], L[..., 1], L[..., 2]
+    adj_L = torch.stack(
+        [A00 * L0 + A01 * L1 + A02 * L2, A01 * L0 + A11 * L1 + A12 * L2, A02 * L0 + A12 * L1 + A22 * L2], dim=-1
+    )
+    trace = a + d + f
+    regular = det.abs() > 1e-10 * trace**3
+    # linear molecule along u: I = (trace/2)(1 - u u^T) and L is perpendicular to u
+    linear = 2.0 * L / torch.where(trace > 0, trace, torch.ones_like(trace)).unsqueeze(-1)
+    linear = torch.where((trace > 0).unsqueeze(-1), linear, torch.zeros_like(L))
+    safe_det = torch.where(regular, det, torch.ones_like(det)).unsqueeze(-1)
+    return torch.where(regular.unsqueeze(-1), adj_L / safe_det, linear)
+
