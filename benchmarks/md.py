@@ -54,6 +54,30 @@ def load_system(name: str):
     return water.repeat((2, 2, 1) if name == "water192" else (4, 4, 2))
 
 
+# ---------------------------------------------------------------------------- shared
+def time_steps(sim, warm: int, chunks: int, per: int) -> tuple[float, list[float]]:
+    """Run ``warm`` steps (seconds taken, compilation included), then ``chunks`` timed
+    chunks of ``per`` steps; returns (warm-up s, ms per step of each chunk). Any simulator
+    with ``simulate(n)`` (ours or SchNetPack's)."""
+    t0 = time.perf_counter()
+    sim.simulate(warm)
+    warm_s = time.perf_counter() - t0
+    step_ms = []
+    for _ in range(chunks):
+        t = time.perf_counter()
+        sim.simulate(per)
+        step_ms.append((time.perf_counter() - t) / per * 1e3)
+    return warm_s, step_ms
+
+
+def worker_env(impl: str, tune_peer: bool = False) -> dict[str, str] | None:
+    """Environment of a worker process: ours gets the allocator tunable the commands set for
+    themselves (spkserve.allocator); the peer runs as installed unless ``tune_peer``."""
+    from spkserve.allocator import tuned_environment
+
+    return tuned_environment() if impl.startswith("ours") or tune_peer else None
+
+
 # ---------------------------------------------------------------------------- ours
 def ours_bundle(kind: str, directory: Path) -> Path:
     from spkserve.bundle import default_outputs, write_bundle
@@ -92,15 +116,8 @@ def ours_worker(system_name: str, kind: str, dynamics: str, skin: float, compile
     MaxwellBoltzmann(300.0)(system, torch.Generator().manual_seed(0))
     hooks = [Langevin(300.0, 100.0)] if dynamics == "langevin" else []
     sim = Simulator(system, VelocityVerlet(TIME_STEP_FS), calc, hooks=hooks, seed=0)
-    warm, chunks, per = PLAN[system_name]
-    t0 = time.perf_counter()
-    sim.simulate(warm)
-    warm_s = time.perf_counter() - t0
-    step_ms = []
-    for _ in range(chunks):
-        t = time.perf_counter()
-        sim.simulate(per)
-        step_ms.append((time.perf_counter() - t) / per * 1e3)
+    warm_s, step_ms = time_steps(sim, *PLAN[system_name])
+    _, chunks, per = PLAN[system_name]
     # bare model call: precomputed exact-cutoff pairs, energy + forces
     runner = calc.provider
     if compiled:
@@ -180,13 +197,7 @@ def spk_worker(system_name: str, kind: str, dynamics: str, skin: float) -> dict:
     hooks = [LangevinThermostat(300.0, 100.0)] if dynamics == "langevin" else []
     sim = md.Simulator(system, md.integrators.VelocityVerlet(TIME_STEP_FS), calc, simulator_hooks=hooks, progress=False)
     sim = sim.to(torch.float32)
-    warm, chunks, per = PLAN[system_name]
-    sim.simulate(warm)
-    step_ms = []
-    for _ in range(chunks):
-        t = time.perf_counter()
-        sim.simulate(per)
-        step_ms.append((time.perf_counter() - t) / per * 1e3)
+    _, step_ms = time_steps(sim, *PLAN[system_name])
     return {"step_ms": step_ms, "n_atoms": len(atoms)}
 
 
@@ -201,14 +212,9 @@ def run_case(impl: str, system: str, kind: str, dynamics: str, skin: float, thre
     """One case in a fresh process. Ours gets the allocator tunable that the ``spkmd``
     command sets for itself (spkserve.allocator); SchNetPack runs as installed unless
     ``tune_peer``."""
-    from spkserve.allocator import tuned_environment
-
-    env = None
-    if impl.startswith("ours") or tune_peer:
-        env = tuned_environment()
     out = subprocess.run(
         [sys.executable, __file__, "--worker", impl, system, kind, dynamics, "--skin", str(skin), "--threads", str(threads)],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True, env=worker_env(impl, tune_peer),
     )
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {system} {kind} {dynamics} failed:\n{out.stderr[-3000:]}")

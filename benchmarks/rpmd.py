@@ -52,15 +52,8 @@ def ours_worker(system_name: str, kind: str, n_beads: int, compiled: bool = Fals
     system = System.from_atoms(atoms, n_replicas=n_beads, dtype=torch.float32)
     MaxwellBoltzmann(T_K * n_beads)(system, torch.Generator().manual_seed(0))
     sim = Simulator(system, RingPolymerIntegrator(TIME_STEP_FS, T_K), calc, hooks=[PILELocal(T_K, TAU_FS)], seed=0)
-    warm, chunks, per = PLAN[system_name]
-    t0 = time.perf_counter()
-    sim.simulate(warm)
-    warm_s = time.perf_counter() - t0
-    step_ms = []
-    for _ in range(chunks):
-        t = time.perf_counter()
-        sim.simulate(per)
-        step_ms.append((time.perf_counter() - t) / per * 1e3)
+    warm_s, step_ms = mdbench.time_steps(sim, *PLAN[system_name])
+    _, chunks, per = PLAN[system_name]
     # the provider call alone (all beads in one batch: skin list + model)
     from spkserve import keys, units
 
@@ -97,13 +90,7 @@ def spk_worker(system_name: str, kind: str, n_beads: int) -> dict:
     integ = md.integrators.RingPolymer(TIME_STEP_FS, n_beads, T_K)
     sim = md.Simulator(system, integ, calc, simulator_hooks=[PILELocalThermostat(T_K, TAU_FS)], progress=False)
     sim = sim.to(torch.float32)
-    warm, chunks, per = PLAN[system_name]
-    sim.simulate(warm)
-    step_ms = []
-    for _ in range(chunks):
-        t = time.perf_counter()
-        sim.simulate(per)
-        step_ms.append((time.perf_counter() - t) / per * 1e3)
+    _, step_ms = mdbench.time_steps(sim, *PLAN[system_name])
     return {"step_ms": step_ms, "n_atoms": len(atoms)}
 
 
@@ -116,12 +103,9 @@ WORKERS = {
 
 def run_case(impl: str, system: str, kind: str, n_beads: int, threads: int) -> dict:
     """One case in a fresh process; ours with the allocator tunable the ``spkmd`` command sets."""
-    from spkserve.allocator import tuned_environment
-
-    env = tuned_environment() if impl.startswith("ours") else None
     out = subprocess.run(
         [sys.executable, __file__, "--worker", impl, system, kind, str(n_beads), "--threads", str(threads)],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True, env=mdbench.worker_env(impl),
     )
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {system} {kind} {n_beads} beads failed:\n{out.stderr[-3000:]}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from spkserve.allocator import tuned_entry
+
 _SUBCOMMANDS = ("run", "plot", "export", "spectrum")
 
 
@@ -133,12 +135,8 @@ def spectrum(directory: str, out_file: str, kind: str, molecule: int, skip: int,
     click.echo(f"wrote {out_file}")
 
 
-def entry() -> None:
-    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
-    from spkserve.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
-    main()
+#: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
+entry = tuned_entry(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

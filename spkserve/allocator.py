@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Callable
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _GUARD = "SPK_MALLOC_TUNED"
@@ -83,3 +84,15 @@ def reexec_with_tunables() -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError:  # pragma: no cover - exec refused: carry on untuned
         return
+
+
+def tuned_entry(main: Callable[[], object]) -> Callable[[], None]:
+    """A console-script entry point that calls :func:`reexec_with_tunables`, then ``main``."""
+
+    def entry() -> None:
+        reexec_with_tunables()
+        main()
+
+    entry.__doc__ = f"Console-script entry point of {getattr(main, 'name', 'the command')} (allocator tunable, then run)."
+    return entry
+

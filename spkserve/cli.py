@@ -10,6 +10,8 @@ import importlib
 
 import click
 
+from spkserve.allocator import tuned_entry
+
 # name -> "module:attribute" of a click.Command
 _COMMANDS: dict[str, str] = {
     "info": "spkserve.commands.bundle_cmds:info",
@@ -49,9 +51,5 @@ def main() -> None:
     serve models to i-PI, ASE and LAMMPS."""
 
 
-def entry() -> None:
-    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
-    from spkserve.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
-    main()
+#: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
+entry = tuned_entry(main)

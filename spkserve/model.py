@@ -45,6 +45,15 @@ def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.
     return out.scatter_add(0, idx, src)
 
 
+def strained(
+    R: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor, strain: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [N, 3] and cells [S, 3, 3] deformed by 1 + sym(strain) [S, 3, 3] (stress = dE/dstrain / V)."""
+    sym = 0.5 * (strain + strain.transpose(1, 2))
+    deform = torch.eye(3, dtype=R.dtype, device=R.device) + sym
+    return torch.einsum("ni,nij->nj", R, deform[system_index]), torch.bmm(cell, deform)
+
+
 def cell_volume(cell: torch.Tensor) -> torch.Tensor:
     """|det(cell)| per system.  [S]"""
     return torch.abs(torch.linalg.det(cell))
@@ -91,10 +100,7 @@ class AtomisticModel(nn.Module):
         if want_stress:
             n_sys = cell.shape[0]
             strain = torch.zeros(n_sys, 3, 3, dtype=R.dtype, device=R.device, requires_grad=True)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            deform = torch.eye(3, dtype=R.dtype, device=R.device) + sym
-            R = torch.einsum("ni,nij->nj", R, deform[inputs[keys.idx_m]])
-            cell = torch.bmm(cell, deform)
+            R, cell = strained(R, cell, inputs[keys.idx_m], strain)
             grad_wrt.append(strain)
         inputs[keys.R] = R
         inputs[keys.cell] = cell
@@ -141,10 +147,7 @@ class AtomisticModel(nn.Module):
             def energy(R: torch.Tensor, strain: torch.Tensor):
                 batch = dict(inputs)
                 if want_stress:
-                    sym = 0.5 * (strain + strain.transpose(1, 2))
-                    deform = torch.eye(3, dtype=R.dtype, device=R.device) + sym
-                    R = torch.einsum("ni,nij->nj", R, deform[inputs[keys.idx_m]])
-                    batch[keys.cell] = torch.bmm(inputs[keys.cell], deform)
+                    R, batch[keys.cell] = strained(R, inputs[keys.cell], inputs[keys.idx_m], strain)
                 batch[keys.R] = R
                 out = self.compute(batch)
                 return out[keys.energy].sum(), out
@@ -157,6 +160,4 @@ class AtomisticModel(nn.Module):
             if want_stress:
                 volume = cell_volume(inputs[keys.cell])
                 results[keys.stress] = grads[-1] / volume[:, None, None]
-        if getattr(self, "cast_float64", False):
-            results = {k: v.double() for k, v in results.items()}
         return {k: v for k, v in results.items() if k == keys.energy or k in properties}

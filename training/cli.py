@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from spkserve.allocator import tuned_entry
+
 
 class _DefaultTrainGroup(click.Group):
     """A group whose default subcommand is ``train``: ``spktrain experiment=x`` = ``spktrain train experiment=x``."""
@@ -136,12 +138,8 @@ def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_p
     click.echo(f"parity plot: {plot_path}")
 
 
-def entry() -> None:
-    """Console-script entry point: set the allocator tunable (:mod:`spkserve.allocator`), then run."""
-    from spkserve.allocator import reexec_with_tunables
-
-    reexec_with_tunables()
-    main()
+#: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
+entry = tuned_entry(main)
 
 
 if __name__ == "__main__":

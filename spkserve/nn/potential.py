@@ -148,6 +148,15 @@ class NeuralNetworkPotential(AtomisticModel):
             results = {k: v.double() for k, v in results.items()}
         return results
 
+    def forward_functional(
+        self, inputs: dict[str, torch.Tensor], properties: Sequence[str] = (keys.energy, keys.forces)
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`AtomisticModel.forward_functional` with this model's float64 cast."""
+        results = super().forward_functional(inputs, properties)
+        if self.cast_float64:
+            results = {k: v.double() for k, v in results.items()}
+        return results
+
     def _has_energy(self) -> bool:
         return keys.energy in self.extra_outputs or any(
             getattr(h, "output_key", None) == keys.energy for h in self.output_heads
