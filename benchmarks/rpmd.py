@@ -170,6 +170,7 @@ def main() -> None:
                         "timed": f"{sum(map(len, o))} / {sum(map(len, s))}",
                         "provider": fmt(prov, 1),
                         "rss": f"{max(r['rss_mb'] for r in res[impl]):.0f} / {max(r['rss_mb'] for r in res['schnetpack']):.0f}",
+                        "rss_ratio": f"{max(r['rss_mb'] for r in res[impl]) / max(r['rss_mb'] for r in res['schnetpack']):.2f}",
                         "warm": f"{statistics.median(r['warmup_s'] for r in res[impl]):.1f}",
                     }
                     rows.append(row)
@@ -194,11 +195,11 @@ def main() -> None:
         + (" (both codes get it: the fair headline)." if args.allocator == "both" else "."),
         "",
         "| system | model | beads | mode | spkmd ms/step | SchNetPack ms/step | speed-up | steps/s (ours / SchNetPack) "
-        "| timed steps | provider ms | peak RSS MB | warm-up s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| timed steps | provider ms | peak RSS MB | RSS ratio | warm-up s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {r['system']} | {r['model']} | {r['beads']} | {r['mode']} | {r['ours']} | {r['spk']} | {r['speedup']} | "
-              f"{r['steps_s']} | {r['timed']} | {r['provider']} | {r['rss']} | {r['warm']} |" for r in rows]
+              f"{r['steps_s']} | {r['timed']} | {r['provider']} | {r['rss']} | {r['rss_ratio']} | {r['warm']} |" for r in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
