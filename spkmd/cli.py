@@ -136,7 +136,7 @@ def spectrum(directory: str, out_file: str, kind: str, molecule: int, skip: int,
 
 
 #: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
-entry = tuned_entry(main)
+entry = tuned_entry(main, light=("plot", "export", "spectrum"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,9 +11,14 @@ same peak memory (``benchmarks/results/md.md``). Keeping freed blocks instead
 (raising ``mmap_threshold``/``trim_threshold``) is a little faster still but
 raises peak memory by ~50 %, so it is not the default.
 
-Tunables are read once at process start, so the command-line entry points
-re-execute themselves with :data:`TUNABLE` added to ``GLIBC_TUNABLES``
-(:func:`reexec_with_tunables`); library users set the variable themselves::
+Tunables are read once at process start, so the command-line entry points that run
+models at length (``spkmd`` runs, ``spkserve serve|ipi|ipi-server|lammps``, ``spktrain``
+training) re-execute themselves with :data:`TUNABLE` added to ``GLIBC_TUNABLES``
+(:func:`reexec_with_tunables`, :func:`tuned_entry`); the other subcommands (``spkserve
+info``, ``spkmd plot``, ...) start as they are. The re-executed process logs the setting once
+and removes it from its own ``os.environ`` again, so child processes it starts (i-PI, LAMMPS,
+MPI ranks, drivers) get the environment the user gave. Library users set the variable
+themselves::
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_md_script.py
 
@@ -22,14 +27,17 @@ Set ``SPK_MALLOC_TUNING=0`` to disable the re-execution.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Callable
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _GUARD = "SPK_MALLOC_TUNED"
+_ORIGINAL = "SPK_MALLOC_ORIGINAL_TUNABLES"  # the user's GLIBC_TUNABLES before the re-exec ("" = unset)
+log = logging.getLogger(__name__)
 
 
 def _glibc_supports_hugetlb() -> bool:
@@ -64,7 +72,25 @@ def tuned_environment(env: dict[str, str] | None = None) -> dict[str, str] | Non
         return None
     env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}" if current else TUNABLE
     env[_GUARD] = "1"
+    env[_ORIGINAL] = current
     return env
+
+
+def restore_child_environment() -> bool:
+    """In a re-executed process: put the user's ``GLIBC_TUNABLES`` back into ``os.environ`` (the
+    running process keeps its tuned allocator; children no longer inherit it). True when the
+    process had been re-executed by :func:`reexec_with_tunables`."""
+    if os.environ.get(_GUARD) != "1" or _ORIGINAL not in os.environ:
+        return False
+    original = os.environ.pop(_ORIGINAL)
+    os.environ.pop(_GUARD, None)
+    if original:
+        os.environ["GLIBC_TUNABLES"] = original
+    else:
+        os.environ.pop("GLIBC_TUNABLES", None)
+    log.info("allocator: this process runs with GLIBC_TUNABLES=%s (spkserve/allocator.py; SPK_MALLOC_TUNING=0 "
+             "to opt out); child processes get the environment as given", TUNABLE)
+    return True
 
 
 def reexec_with_tunables() -> None:
@@ -86,11 +112,23 @@ def reexec_with_tunables() -> None:
         return
 
 
-def tuned_entry(main: Callable[[], object]) -> Callable[[], None]:
-    """A console-script entry point that calls :func:`reexec_with_tunables`, then ``main``."""
+def runs_models(argv: list[str], light: Collection[str]) -> bool:
+    """Whether a command line (without the program name) runs models at length: not when its
+    first word is one of the ``light`` subcommands or it only asks for help or the version."""
+    if any(a in ("--help", "-h", "--version") for a in argv):
+        return False
+    return not (argv and argv[0] in light)
+
+
+def tuned_entry(main: Callable[[], object], light: Collection[str] = ()) -> Callable[[], None]:
+    """A console-script entry point: :func:`reexec_with_tunables` unless the subcommand is one
+    of ``light`` (see :func:`runs_models`), then ``main`` with the children's environment as
+    the user gave it (:func:`restore_child_environment`)."""
 
     def entry() -> None:
-        reexec_with_tunables()
+        if runs_models(sys.argv[1:], light):
+            reexec_with_tunables()
+        restore_child_environment()
         main()
 
     entry.__doc__ = f"Console-script entry point of {getattr(main, 'name', 'the command')} (allocator tunable, then run)."

@@ -52,4 +52,4 @@ def main() -> None:
 
 
 #: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
-entry = tuned_entry(main)
+entry = tuned_entry(main, light=("info", "reference", "verify", "convert"))

@@ -139,7 +139,7 @@ def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_p
 
 
 #: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`
-entry = tuned_entry(main)
+entry = tuned_entry(main, light=("export", "eval"))
 
 
 if __name__ == "__main__":
