@@ -361,7 +361,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     env = client_env(args.threads)
-    steps_nve, repeats, steps_pimd = (120, 1, 30) if args.quick else (250, 2, 40)
+    steps_nve, repeats, steps_pimd = (120, 1, 30) if args.quick else (250, 3, 40)  # >= 3 repeats for results
     work = Path(tempfile.mkdtemp(prefix="spkbenchmodels", dir="/tmp"))
     lines = []
     load_before = open("/proc/loadavg").read().split()[:3]
