@@ -1,0 +1,235 @@
+"""``spkserve convert schnetpack``: SchNetPack 2.x model files -> bundles, without executing the pickle.
+
+The fixtures in tests/fixtures/schnetpack/ were written by SchNetPack 2.2 itself
+(``make_fixtures.py``, run with the benchmark venv): small SchNet and PaiNN
+potentials with random non-zero weights and biases, saved with ``torch.save`` as
+SchNetPack saves ``best_model``, and SchNetPack's own ASE-calculator predictions
+in float64 on three ethanol geometries and one periodic (triclinic) cell.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from click.testing import CliRunner
+
+from spkserve import units
+from spkserve.bundle import load_bundle, read_metadata
+from spkserve.cli import main as spkserve_main
+from spkserve.convert.schnetpack_model import ConversionError, convert_schnetpack
+from spkserve.convert.torch_pickle import DisallowedGlobalError, ModelFileError
+
+pytestmark = pytest.mark.timeout(300)
+torch.set_num_threads(1)
+
+FIX = Path(__file__).parent / "fixtures" / "schnetpack"
+REF = json.loads((FIX / "references.json").read_text())
+MODELS = sorted(REF["models"])
+
+
+def _atoms(i: int) -> Atoms:
+    s = REF["structures"][i]
+    return Atoms(s["numbers"], s["positions"], cell=s["cell"], pbc=s["pbc"])
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("converted")
+    return {
+        name: convert_schnetpack(FIX / REF["models"][name]["file"], out / f"{name}.bundle", energy_unit="eV",
+                                 species=[1, 6, 8])
+        for name in MODELS
+    }
+
+
+def test_fixtures_are_not_trivial():
+    # different structures give clearly different energies and non-zero forces, so a model that
+    # drops a layer, a bias or an offset cannot match by accident
+    for name in MODELS:
+        e = np.array(REF["models"][name]["energy"])
+        assert np.ptp(e[:3]) > 1e-3, name
+        assert all(np.abs(np.array(f)).max() > 1e-2 for f in REF["models"][name]["forces"]), name
+    assert REF["structures"][3]["pbc"] == [True, True, True]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_matches_schnetpack(name, bundles):
+    """Energies (with mean and atom-reference offsets), forces and stress equal SchNetPack's
+    own calculator's to 1e-6 relative (and 1e-9 absolute) in float64."""
+    from spkserve.ase import BundleCalculator
+
+    ref = REF["models"][name]
+    calc = BundleCalculator(str(bundles[name]), dtype="float64")
+    for i in range(len(REF["structures"])):
+        atoms = _atoms(i)
+        atoms.calc = calc
+        e_ref = ref["energy"][i]
+        assert abs(atoms.get_potential_energy() - e_ref) <= 1e-6 * abs(e_ref) and \
+            abs(atoms.get_potential_energy() - e_ref) < 1e-9, (name, i)
+        np.testing.assert_allclose(atoms.get_forces(), np.array(ref["forces"][i]), rtol=1e-6, atol=1e-9)
+        if ref["stress"][i] is not None:
+            np.testing.assert_allclose(atoms.get_stress(voigt=False), np.array(ref["stress"][i]), rtol=1e-6, atol=1e-12)
+
+
+def test_bundle_metadata_and_provenance(bundles):
+    m = read_metadata(bundles["schnet"])
+    assert m["cutoff"] == REF["cutoff_angstrom"] and m["species"] == [1, 6, 8]
+    assert m["units"] == {"length": "Ang", "energy": "eV"}
+    assert set(m["outputs"]) == {"energy", "forces", "stress"}
+    src = m["provenance"]["converted_from"]
+    assert src["format"] == "schnetpack" and src["schnetpack_version"] == REF["schnetpack_version"]
+    assert any("atom references" in n for n in src["notes"])
+    # the schnet fixture was trained in float32 (CastTo64 post-processor): kept float32, outputs float64
+    loaded = load_bundle(bundles["schnet"])
+    assert loaded.dtype == torch.float32 and loaded.model.cast_float64
+    assert load_bundle(bundles["painn"]).dtype == torch.float64
+    assert "schnetpack" not in sys.modules  # converting never imported SchNetPack
+
+
+def test_runs_in_spkmd(bundles):
+    """The converted bundle drives spkmd: forces in spkmd's atomic units equal SchNetPack's,
+    and a short velocity-Verlet run conserves the total energy."""
+    from spkmd.calculators import BundleCalculator
+    from spkmd.initializers import MaxwellBoltzmann
+    from spkmd.integrators import VelocityVerlet
+    from spkmd.simulator import Simulator
+    from spkmd.system import System
+
+    ev_a = units.factor("Hartree/Bohr", "eV/Angstrom")
+    ev = units.factor("Hartree", "eV")
+    s = System.from_atoms([_atoms(i) for i in range(3)])
+    calc = BundleCalculator(bundles["schnet"], dtype="float64", skin_angstrom=0.5)
+    calc.calculate(s)
+    for m in range(3):
+        sl = s.molecule_slice(m)
+        np.testing.assert_allclose(s.forces[0, sl].numpy() * ev_a, REF["models"]["schnet"]["forces"][m], rtol=1e-6, atol=1e-9)
+        assert abs(float(s.energy[0, m]) * ev - REF["models"]["schnet"]["energy"][m]) < 1e-9
+    s = System.from_atoms(_atoms(0))
+    MaxwellBoltzmann(100.0)(s, torch.Generator().manual_seed(0))
+    calc.calculate(s)
+    e0 = float(s.energy[0, 0] + s.kinetic_energy()[0, 0])
+    Simulator(s, VelocityVerlet(0.1), calc).simulate(50)
+    e1 = float(s.energy[0, 0] + s.kinetic_energy()[0, 0])
+    assert np.isfinite(e1) and abs(e1 - e0) * ev < 1e-4, (e0 * ev, e1 * ev)
+    assert float((s.positions[0] - torch.as_tensor(_atoms(0).positions) * units.factor("Ang", "Bohr")).abs().max()) > 1e-4
+
+
+def test_cli_writes_a_float64_bundle(tmp_path):
+    out = tmp_path / "p.bundle"
+    res = CliRunner().invoke(spkserve_main, [
+        "convert", "schnetpack", str(FIX / REF["models"]["schnet"]["file"]), "-o", str(out),
+        "--energy-unit", "kcal/mol", "--species", "H,C,O", "--dtype", "float64"])
+    assert res.exit_code == 0, res.output
+    assert "species     H(1) C(6) O(8)" in res.output and "kcal/mol" in res.output
+    b = load_bundle(out)
+    assert b.dtype == torch.float64 and b.energy_unit == "kcal/mol"
+
+
+def test_units_from_the_run_config_or_an_error(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    shutil.copy(FIX / REF["models"]["painn"]["file"], run / "best_model")
+    with pytest.raises(ConversionError, match="--energy-unit"):
+        convert_schnetpack(run / "best_model", tmp_path / "a.bundle")
+    (run / ".hydra" / "config.yaml").write_text(
+        "data:\n  distance_unit: Ang\n  property_units:\n    energy: kcal/mol\n    forces: kcal/mol/Ang\n")
+    convert_schnetpack(run / "best_model", tmp_path / "b.bundle")
+    m = read_metadata(tmp_path / "b.bundle")
+    assert m["units"] == {"length": "Ang", "energy": "kcal/mol"}
+    assert m["outputs"]["forces"]["unit"] == "kcal/mol/Ang"
+    # an explicit unit wins over the config
+    convert_schnetpack(run / "best_model", tmp_path / "c.bundle", energy_unit="eV")
+    assert read_metadata(tmp_path / "c.bundle")["units"]["energy"] == "eV"
+
+
+# ---- hostile and unsupported files --------------------------------------------------------
+def _torch_zip(path: Path, pickle_bytes: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    # a real torch.save file whose model dict hides an os.system call next to real tensors
+    evil = tmp_path / "best_model"
+    torch.save({"weights": torch.randn(3), "payload": _Evil(marker)}, evil)
+    with pytest.raises(DisallowedGlobalError, match=r"refusing to load global '(posix|os)\.system'") as err:
+        convert_schnetpack(evil, tmp_path / "x.bundle", energy_unit="eV")
+    assert err.value.name in ("posix.system", "os.system")
+    assert not marker.exists() and not (tmp_path / "x.bundle").exists()
+    # the CLI says the same and fails
+    res = CliRunner().invoke(spkserve_main, ["convert", "schnetpack", str(evil), "-o", str(tmp_path / "y.bundle"),
+                                             "--energy-unit", "eV"])
+    assert res.exit_code != 0 and "system" in res.output and not marker.exists()
+    # hand-written pickles: builtins.eval via REDUCE, subprocess via STACK_GLOBAL
+    for payload, name in (
+        (b"\x80\x02cbuiltins\neval\nX\x0b\x00\x00\x00print(1+1)\x85R.", "builtins.eval"),
+        (b"\x80\x04\x8c\nsubprocess\x94\x8c\x05Popen\x94\x93X\x02\x00\x00\x00ls\x85R.", "subprocess.Popen"),
+    ):
+        path = _torch_zip(tmp_path / f"{name}.pt", payload)
+        with pytest.raises(DisallowedGlobalError, match=name.replace(".", r"\.")):
+            convert_schnetpack(path, tmp_path / "z.bundle", energy_unit="eV")
+
+
+def test_unsupported_schnetpack_class_is_named(tmp_path):
+    # an SO3net model (not converted yet): the message names the class and the supported set
+    payload = b"\x80\x02cschnetpack.representation.so3net\nSO3net\n)\x81}b."
+    path = _torch_zip(tmp_path / "so3.pt", payload)
+    with pytest.raises(ConversionError, match=r"SchNetPack class 'schnetpack\.representation\.so3net\.SO3net'.*SchNet, PaiNN"):
+        convert_schnetpack(path, tmp_path / "z.bundle", energy_unit="eV")
+
+
+def test_not_a_model_file(tmp_path):
+    legacy = tmp_path / "old.pt"
+    legacy.write_bytes(b"\x80\x02}q\x00.")  # a bare pickle, not a torch zip archive
+    with pytest.raises(ModelFileError, match="not a torch.save zip archive"):
+        convert_schnetpack(legacy, tmp_path / "z.bundle", energy_unit="eV")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        convert_schnetpack(tmp_path / "missing", tmp_path / "z.bundle", energy_unit="eV")
+    # a torch file whose object is a plain tensor dict, not a NeuralNetworkPotential
+    state = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(2)}, state)
+    with pytest.raises(ConversionError, match="expected schnetpack.model.base.NeuralNetworkPotential"):
+        convert_schnetpack(state, tmp_path / "z.bundle", energy_unit="eV")
+
+
+def test_tensor_bounds_are_checked(tmp_path):
+    # a tensor that claims more values than its storage holds is refused (no out-of-bounds view)
+    buf = io.BytesIO()
+    torch.save(torch.arange(4.0), buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        names = z.namelist()
+        files = {n: z.read(n) for n in names}
+    pkl_name = next(n for n in names if n.endswith("data.pkl"))
+    data_name = next(n for n in names if "/data/" in n)
+    files[data_name] = files[data_name][:8]  # 2 floats instead of 4
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    from spkserve.convert.torch_pickle import load_records
+
+    with pytest.raises(ModelFileError, match="fewer than 4"):
+        load_records(bad, (), ())
+    assert pkl_name  # the archive layout was the one torch writes
