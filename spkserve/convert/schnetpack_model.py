@@ -40,13 +40,14 @@ _SCHNET = f"{_SPK}.representation.schnet.SchNet"
 _PAINN = f"{_SPK}.representation.painn.PaiNN"
 _ATOMWISE = f"{_SPK}.atomistic.atomwise.Atomwise"
 _DIPOLE = f"{_SPK}.atomistic.atomwise.DipoleMoment"
+_POLAR = f"{_SPK}.atomistic.atomwise.Polarizability"
 _FORCES = f"{_SPK}.atomistic.response.Forces"
 _DENSE = f"{_SPK}.nn.base.Dense"
 _IDENTITY = "torch.nn.modules.linear.Identity"
 
 #: classes admitted by the unpickler (as inert records)
 CLASSES = frozenset({
-    _NNP, _SCHNET, _PAINN, _ATOMWISE, _DIPOLE, _FORCES, _DENSE, _IDENTITY,
+    _NNP, _SCHNET, _PAINN, _ATOMWISE, _DIPOLE, _POLAR, _FORCES, _DENSE, _IDENTITY,
     f"{_SPK}.representation.schnet.SchNetInteraction",
     f"{_SPK}.representation.painn.PaiNNInteraction",
     f"{_SPK}.representation.painn.PaiNNMixing",
@@ -58,7 +59,7 @@ CLASSES = frozenset({
     f"{_SPK}.nn.cutoff.CosineCutoff",
     f"{_SPK}.nn.cutoff.MollifierCutoff",
     f"{_SPK}.nn.activations.ShiftedSoftplus",
-    f"{_SPK}.nn.blocks.GatedEquivariantBlock",
+    f"{_SPK}.nn.equivariant.GatedEquivariantBlock",
     f"{_SPK}.transform.casting.CastTo64",
     f"{_SPK}.transform.casting.CastTo32",
     f"{_SPK}.transform.atomistic.AddOffsets",
@@ -100,7 +101,7 @@ _INITIALISERS = {
 FUNCTIONS = frozenset(_ACTIVATION_FUNCTIONS) | frozenset(_INITIALISERS)
 
 SUPPORTED = (
-    "representations SchNet, PaiNN; heads Atomwise (energy), Forces, DipoleMoment; input modules "
+    "representations SchNet, PaiNN; heads Atomwise (energy), Forces, DipoleMoment, Polarizability; input modules "
     "PairwiseDistances, Strain; post-processors CastTo64, AddOffsets, ScaleProperty"
 )
 
@@ -358,19 +359,67 @@ def _atomwise(head: Record, k: int, output_key: str) -> tuple[dict, dict[str, to
     return {"name": "atomwise", "params": params}, {f"output_heads.{k}.{n}": t for n, t in tensors.items()}
 
 
+def _gated_mlp(rec: Any, what: str) -> tuple[list[int], list[int], str, dict[str, torch.Tensor]]:
+    """Widths, gating widths, activation and our ``net.k.*`` tensors of a gated equivariant stack."""
+    blocks = rec.children() if _is(rec, "torch.nn.modules.container.Sequential") else None
+    if not blocks:
+        raise ConversionError(f"{what} is {_short(rec)}, expected a Sequential of GatedEquivariantBlocks")
+    widths, gating, tensors, act = [], [], {}, None
+    for k, blk in enumerate(blocks):
+        where = f"{what} block {k}"
+        _expect(blk, f"{_SPK}.nn.equivariant.GatedEquivariantBlock", where)
+        n_sin, n_vin, n_sout, n_vout = (int(blk.get(n, -1)) for n in ("n_sin", "n_vin", "n_sout", "n_vout"))
+        if n_sin != n_vin or n_sout != n_vout or (widths and widths[-1] != n_sin):
+            raise ConversionError(f"{where}: scalar and vector widths differ ({n_sin}, {n_vin} -> {n_sout}, {n_vout})")
+        wv, bv, av = _dense(blk.child("mix_vectors"), f"{where} mix_vectors")
+        layers = blk.child("scalar_net").children()
+        if bv is not None or av is not None or len(layers) != 2:
+            raise ConversionError(f"{where}: unsupported layout of mix_vectors / scalar_net")
+        (w1, b1, a1), (w2, b2, a2) = _dense(layers[0], f"{where} scalar_net 0"), _dense(layers[1], f"{where} scalar_net 1")
+        if a1 is None or a2 is not None or (act is not None and a1 != act) or b1 is None or b2 is None:
+            raise ConversionError(f"{where}: unsupported activations in scalar_net ({a1}, {a2})")
+        act = a1
+        last = k == len(blocks) - 1
+        sact = _activation(blk.get("sactivation"), f"{where} sactivation")
+        if (last and sact is not None) or (not last and sact != act):
+            raise ConversionError(f"{where}: scalar output activation {sact} is not supported here")
+        if not widths:
+            widths.append(n_sin)
+        widths.append(n_sout)
+        gating.append(int(w1.shape[0]))
+        tensors[f"net.{k}.mix_vectors.weight"] = wv
+        tensors[f"net.{k}.scalar_net.0.weight"], tensors[f"net.{k}.scalar_net.0.bias"] = w1, b1
+        tensors[f"net.{k}.scalar_net.1.weight"], tensors[f"net.{k}.scalar_net.1.bias"] = w2, b2
+    return widths, gating, act, tensors
+
+
 def _dipole(head: Record, k: int) -> tuple[dict, dict[str, torch.Tensor]]:
     what = f"output module {k} (DipoleMoment)"
-    if head.get("use_vector_representation"):
-        raise ConversionError(f"{what}: dipoles from vector features (use_vector_representation) are not supported yet")
     if not head.get("correct_charges", True):
         raise ConversionError(
             f"{what}: correct_charges=False is not supported (SchNetPack's dipole then depends on the origin)"
         )
-    widths, act, tensors = _mlp(head.child("outnet"), what)
-    params = dict(n_in=widths[0], n_hidden=widths[1:-1], n_layers=len(widths) - 1, activation_name=act,
-                  predict_magnitude=bool(head.get("predict_magnitude", False)),
+    vector = bool(head.get("use_vector_representation", False))
+    params: dict[str, Any]
+    if vector:
+        widths, gating, act, tensors = _gated_mlp(head.child("outnet"), what)
+        params = dict(n_gating_hidden=gating, epsilon=0.0)
+    else:
+        widths, act, tensors = _mlp(head.child("outnet"), what)
+        params = {}
+    params.update(n_in=widths[0], n_hidden=widths[1:-1], n_layers=len(widths) - 1, activation_name=act,
+                  use_vector_representation=vector, predict_magnitude=bool(head.get("predict_magnitude", False)),
                   dipole_key=keys.dipole_moment, charges_key=keys.partial_charges)
     return {"name": "dipole_moment", "params": params}, {f"output_heads.{k}.{n}": t for n, t in tensors.items()}
+
+
+def _polarizability(head: Record, k: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    what = f"output module {k} (Polarizability)"
+    widths, gating, act, tensors = _gated_mlp(head.child("outnet"), what)
+    params = dict(n_in=widths[0], n_hidden=widths[1:-1], n_layers=len(widths) - 1, activation_name=act,
+                  n_gating_hidden=gating, epsilon=0.0, centre_positions=False,
+                  polarizability_key=keys.polarizability)
+    return {"name": "polarizability", "params": params}, {f"output_heads.{k}.{n}": t for n, t in tensors.items()}
 
 
 # ---- the whole model -----------------------------------------------------------------
@@ -386,9 +435,11 @@ class ConvertedModel:
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
     spk_version: str | None = None
+    #: our output name -> SchNetPack's output key (to look up units in the run config)
+    spk_keys: dict[str, str] = field(default_factory=dict)
 
 
-def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, n_z: int) -> tuple[float, torch.Tensor, float, bool, list[str]]:
+def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, stress_key: str, n_z: int) -> tuple[float, torch.Tensor, float, bool, list[str]]:
     """Fold the post-processors into E = scale * E_net + sum_i (atomref[Z_i] + mean)."""
     scale, mean = 1.0, 0.0
     atomref = torch.zeros(n_z, dtype=torch.float64)
@@ -420,8 +471,10 @@ def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, n_z: int) ->
         elif _is(pp, f"{_SPK}.transform.atomistic.ScaleProperty"):
             src, dst = pp.get("input_key"), pp.get("output_key")
             s = _scalar(pp.tensor("scale").double(), f"{what} scale")
-            if src != dst or src not in (energy_key, forces_key):
-                raise ConversionError(f"{what}: scaling {src!r} into {dst!r} is not supported (only energy and forces in place)")
+            if src != dst or src not in (energy_key, forces_key, stress_key):
+                raise ConversionError(
+                    f"{what}: scaling {src!r} into {dst!r} is not supported (only energy, forces and stress in place)"
+                )
             if src in scaled:
                 raise ConversionError(f"{what}: {src!r} is scaled twice")
             scaled[src] = s
@@ -435,6 +488,14 @@ def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, n_z: int) ->
             raise ConversionError(
                 f"ScaleProperty scales energy by {se} and forces by {sf}: forces are then not -dE/dR and "
                 "this project's models cannot reproduce that; scale both alike"
+            )
+        ss = scaled.get(stress_key)
+        if ss is not None and abs(ss - se) > 1e-12 * abs(se):
+            raise ConversionError(f"ScaleProperty scales energy by {se} but stress by {ss}; scale both alike")
+        if ss is None:
+            notes.append(
+                f"energy and forces scaled by {se:.10g}; SchNetPack leaves the stress unscaled in this model, "
+                "the bundle's stress is the strain derivative of the scaled energy"
             )
         scale = se
     return scale, atomref, mean, cast64, notes
@@ -455,9 +516,22 @@ def convert_records(root: Any, energy_key: str | None = None) -> ConvertedModel:
     heads = nnp.child("output_modules").children()
     forces = [h for h in heads if _is(h, _FORCES)]
     if energy_key is None:
-        energy_key = forces[0].get("energy_key", "energy") if forces else "energy"
+        atomwise = [h.get("output_key") for h in heads if _is(h, _ATOMWISE)]
+        if forces:
+            energy_key = forces[0].get("energy_key", "energy")
+        elif len(atomwise) == 1:  # an energy model without forces (e.g. qm9_atomwise's energy_U0)
+            energy_key = atomwise[0]
+        else:
+            energy_key = "energy"
+    if not any(_is(h, _ATOMWISE) for h in heads):
+        raise ConversionError(
+            "the model has no Atomwise energy head: a bundle always predicts an energy, so models of other "
+            f"properties alone (e.g. qm9_dipole) cannot be converted (heads: {[_short(h) for h in heads]})"
+        )
     forces_key = forces[0].get("force_key", "forces") if forces else "forces"
+    stress_key = forces[0].get("stress_key", "stress") if forces else "stress"
     head_specs, tensors, outputs = [], {}, []
+    spk_keys = {keys.energy: energy_key, keys.forces: forces_key}
     for k, h in enumerate(heads):
         if _is(h, _FORCES):
             if h.get("energy_key") != energy_key:
@@ -476,8 +550,17 @@ def convert_records(root: Any, energy_key: str | None = None) -> ConvertedModel:
             if spec["params"]["n_out"] != 1 or spec["params"]["aggregation"] != "sum":
                 raise ConversionError(f"output module {k}: an energy head must be a sum of one value per atom")
         elif _is(h, _DIPOLE):
+            if keys.dipole_moment in outputs:
+                raise ConversionError(f"output module {k}: a second DipoleMoment head is not supported")
             spec, t = _dipole(h, idx)
             outputs.append(keys.dipole_moment)
+            spk_keys[keys.dipole_moment] = h.get("dipole_key", "dipole_moment")
+        elif _is(h, _POLAR):
+            if keys.polarizability in outputs:
+                raise ConversionError(f"output module {k}: a second Polarizability head is not supported")
+            spec, t = _polarizability(h, idx)
+            outputs.append(keys.polarizability)
+            spk_keys[keys.polarizability] = h.get("polarizability_key", "polarizability")
         else:
             raise ConversionError(f"output module {k} {_short(h)} is not supported ({SUPPORTED})")
         head_specs.append(spec)
@@ -487,7 +570,8 @@ def convert_records(root: Any, energy_key: str | None = None) -> ConvertedModel:
     outputs = [keys.energy, keys.forces, keys.stress] + outputs
     n_z = rep.max_z + 1
     if nnp.get("do_postprocessing", True):
-        scale, atomref, mean, cast64, notes = _offsets(nnp.child("postprocessors").children(), energy_key, forces_key, n_z)
+        scale, atomref, mean, cast64, notes = _offsets(
+            nnp.child("postprocessors").children(), energy_key, forces_key, stress_key, n_z)
     else:
         scale, atomref, mean, cast64, notes = 1.0, torch.zeros(n_z, dtype=torch.float64), 0.0, False, [
             "do_postprocessing=False in the file: offsets and scaling are not applied (as in SchNetPack)"]
@@ -506,7 +590,7 @@ def convert_records(root: Any, energy_key: str | None = None) -> ConvertedModel:
         "input_modules": [],
         "postprocessors": {"postprocess": bool(nnp.get("do_postprocessing", True)), "cast_float64": cast64},
     }}
-    return ConvertedModel(arch, tensors, rep.cutoff, rep.max_z, outputs, dtype, notes, nnp.get("spk_version"))
+    return ConvertedModel(arch, tensors, rep.cutoff, rep.max_z, outputs, dtype, notes, nnp.get("spk_version"), spk_keys)
 
 
 def read_schnetpack_model(path: str | Path, energy_key: str | None = None) -> ConvertedModel:
@@ -523,8 +607,9 @@ def read_schnetpack_model(path: str | Path, energy_key: str | None = None) -> Co
     return convert_records(root, energy_key)
 
 
-def _units_from_run_config(model_path: Path, energy_key: str) -> tuple[str | None, str | None, Path | None]:
-    """(length, energy) units from a SchNetPack run's config beside the model file, if present."""
+def _units_from_run_config(model_path: Path) -> tuple[str | None, dict[str, str], Path | None]:
+    """(distance unit, property units by SchNetPack key, config path) from a SchNetPack run's
+    config beside the model file, if present."""
     import yaml
 
     for cand in (model_path.parent / "config.yaml", model_path.parent / ".hydra" / "config.yaml"):
@@ -535,8 +620,20 @@ def _units_from_run_config(model_path: Path, energy_key: str) -> tuple[str | Non
                 continue
             data = cfg.get("data") or {}
             props = data.get("property_units") or {}
-            return data.get("distance_unit"), props.get(energy_key), cand
-    return None, None, None
+            return data.get("distance_unit"), {str(k): str(v) for k, v in props.items()}, cand
+    return None, {}, None
+
+
+def _polarizability_unit(unit: str) -> str:
+    """A polarizability unit as charge^2 length^2 / energy: a volume (Gaussian convention,
+    e.g. ``Bohr^3``) is 4 pi eps0 times that volume, which is ``e^2*Bohr^2/Hartree`` per Bohr^3."""
+    try:
+        if units.dimension(unit) == units.dimension("Bohr^3"):
+            return f"{units.factor(unit, 'Bohr^3')!r}*e^2*Bohr^2/Hartree"
+        units.check_dimension(unit, "e^2*Bohr^2/Hartree")
+    except units.UnitError as err:
+        raise ConversionError(f"polarizability unit {unit!r}: {err}") from err
+    return unit
 
 
 def convert_schnetpack(
@@ -566,9 +663,10 @@ def convert_schnetpack(
 
     model_file = Path(model_file)
     conv = read_schnetpack_model(model_file, energy_key)
-    key = energy_key or "energy"
-    cfg_len, cfg_energy, cfg_path = _units_from_run_config(model_file, key)
-    energy_unit = energy_unit or cfg_energy
+    cfg_len, cfg_units, cfg_path = _units_from_run_config(model_file)
+    energy_unit = energy_unit or cfg_units.get(conv.spk_keys[keys.energy])
+    dipole_unit = cfg_units.get(conv.spk_keys.get(keys.dipole_moment, ""))
+    polarizability_unit = cfg_units.get(conv.spk_keys.get(keys.polarizability, ""))
     if energy_unit is None:
         raise ConversionError(
             f"{model_file}: a SchNetPack model file does not record its energy unit and no run config.yaml "
@@ -596,8 +694,11 @@ def convert_schnetpack(
     model = model.to(want)
     outputs = default_outputs(energy_unit, length_unit, stress=True)
     if keys.dipole_moment in conv.outputs:
-        outputs[keys.dipole_moment] = {"unit": f"e*{length_unit}", "per": "system"}
+        outputs[keys.dipole_moment] = {"unit": dipole_unit or f"e*{length_unit}", "per": "system"}
         outputs[keys.partial_charges] = {"unit": "e", "per": "atom"}
+    if keys.polarizability in conv.outputs:
+        outputs[keys.polarizability] = {"unit": _polarizability_unit(polarizability_unit or f"{length_unit}^3"),
+                                        "per": "system"}
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     metadata = {
         "species": species,
@@ -610,7 +711,7 @@ def convert_schnetpack(
                 "file": model_file.name,
                 "sha256": digest,
                 "schnetpack_version": conv.spk_version,
-                "units_from": str(cfg_path) if cfg_path and not (energy_unit is None) else "command line or default",
+                "run_config": str(cfg_path) if cfg_path else None,
                 "notes": conv.notes,
                 "converter": f"spkserve {__version__}",
             }
