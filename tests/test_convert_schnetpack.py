@@ -55,7 +55,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 def test_fixtures_are_not_trivial():
     # different structures give clearly different energies and non-zero forces, so a model that
     # drops a layer, a bias or an offset cannot match by accident
-    assert set(MODELS) == {"schnet", "painn", "painn_response", "schnet_qm9"}
+    assert set(MODELS) == {"schnet", "painn", "painn_response", "schnet_qm9", "so3net"}
     for name in MODELS:
         e = np.array(REF["models"][name]["energy"])
         assert np.ptp(e[:3]) > 1e-3, name
@@ -233,10 +233,11 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
 
 
 def test_unsupported_schnetpack_class_is_named(tmp_path):
-    # an SO3net model (not converted yet): the message names the class and the supported set
-    payload = b"\x80\x02cschnetpack.representation.so3net\nSO3net\n)\x81}b."
-    path = _torch_zip(tmp_path / "so3.pt", payload)
-    with pytest.raises(ConversionError, match=r"SchNetPack class 'schnetpack\.representation\.so3net\.SO3net'.*SchNet, PaiNN"):
+    # a FieldSchNet model (not converted): the message names the class and the supported set
+    payload = b"\x80\x02cschnetpack.representation.field_schnet\nFieldSchNet\n)\x81}b."
+    path = _torch_zip(tmp_path / "field.pt", payload)
+    with pytest.raises(ConversionError, match=r"SchNetPack class 'schnetpack\.representation\.field_schnet\."
+                                              r"FieldSchNet'.*SchNet, PaiNN, SO3net"):
         convert_schnetpack(path, tmp_path / "z.bundle", energy_unit="eV")
 
 

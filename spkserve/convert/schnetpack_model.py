@@ -51,6 +51,12 @@ CLASSES = frozenset({
     f"{_SPK}.representation.schnet.SchNetInteraction",
     f"{_SPK}.representation.painn.PaiNNInteraction",
     f"{_SPK}.representation.painn.PaiNNMixing",
+    f"{_SPK}.representation.so3net.SO3net",
+    f"{_SPK}.nn.so3.RealSphericalHarmonics",
+    f"{_SPK}.nn.so3.SO3TensorProduct",
+    f"{_SPK}.nn.so3.SO3Convolution",
+    f"{_SPK}.nn.so3.SO3ParametricGatedNonlinearity",
+    "torch.nn.modules.linear.Linear",
     f"{_SPK}.atomistic.distances.PairwiseDistances",
     f"{_SPK}.atomistic.response.Strain",
     f"{_SPK}.nn.radial.GaussianRBF",
@@ -101,7 +107,7 @@ _INITIALISERS = {
 FUNCTIONS = frozenset(_ACTIVATION_FUNCTIONS) | frozenset(_INITIALISERS)
 
 SUPPORTED = (
-    "representations SchNet, PaiNN; heads Atomwise (energy), Forces, DipoleMoment, Polarizability; input modules "
+    "representations SchNet, PaiNN, SO3net; heads Atomwise (energy), Forces, DipoleMoment, Polarizability; input modules "
     "PairwiseDistances, Strain; post-processors CastTo64, AddOffsets, ScaleProperty"
 )
 
@@ -343,7 +349,56 @@ def _painn(rep: Record) -> _Rep:
     return _Rep({"name": "painn", "params": params}, tensors, F, cutoff, max_z)
 
 
-_REPRESENTATIONS = {_SCHNET: _schnet, _PAINN: _painn}
+def _linear(rec: Any, what: str, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not _is(rec, "torch.nn.modules.linear.Linear"):
+        raise ConversionError(f"{what} is {_short(rec)}, expected torch.nn.Linear")
+    b = rec.param("bias")
+    if (b is not None) != bias:
+        raise ConversionError(f"{what}: expected a Linear layer {'with' if bias else 'without'} bias")
+    return rec.tensor("weight"), b
+
+
+def _so3net(rep: Record) -> _Rep:
+    what = "SO3net"
+    emb, max_z = _embedding(rep, what)
+    rbf_name, n_rbf, rbf_t = _radial(rep, what)
+    cut_name, cutoff = _cutoff(rep, what)
+    lmax = int(rep.get("lmax", -1))
+    if lmax not in (1, 2):
+        raise ConversionError(f"{what}: lmax={lmax} is not supported (1 or 2)")
+    convs, shared = _blocks(rep, "so3convs", what)
+    groups = {n: _blocks(rep, n, what) for n in ("mixings1", "mixings2", "mixings3", "gatings")}
+    if any(len(b) != len(convs) or sh != shared for b, sh in groups.values()):
+        raise ConversionError(f"{what}: convolution, mixing and gating blocks do not pair up")
+    F, n_int = int(emb.shape[1]), len(convs)
+    tensors = {"embedding.weight": emb, **rbf_t}
+    filt_w, filt_b = [], []
+    for k in range(n_int):
+        where = f"{what} block {k}"
+        conv = _expect(convs[k], f"{_SPK}.nn.so3.SO3Convolution", f"{where} convolution")
+        w, b, a = _dense(conv.child("filternet"), f"{where} filternet")
+        if a is not None or b is None or w.shape != (F * (lmax + 1), n_rbf):
+            raise ConversionError(f"{where}: unexpected filter network {tuple(w.shape)}")
+        filt_w.append(w)
+        filt_b.append(b)
+        if shared and k > 0:
+            continue
+        for n, dst in (("mixings1", "mix1"), ("mixings2", "mix2"), ("mixings3", "mix3")):
+            tensors[f"blocks.{k}.{dst}.weight"], _ = _linear(groups[n][0][k], f"{where} {n}", bias=False)
+        gate = _expect(groups["gatings"][0][k], f"{_SPK}.nn.so3.SO3ParametricGatedNonlinearity", f"{where} gating")
+        tensors[f"blocks.{k}.gate.weight"], tensors[f"blocks.{k}.gate.bias"] = _linear(
+            gate.child("scaling"), f"{where} gating", bias=True)
+    tensors["filter_net.weight"] = torch.cat(filt_w, 0)
+    tensors["filter_net.bias"] = torch.cat(filt_b, 0)
+    params = dict(
+        n_atom_basis=F, n_interactions=n_int, lmax=lmax, n_rbf=n_rbf, cutoff_angstrom=cutoff,
+        radial_basis=rbf_name, cutoff_fn=cut_name, shared_interactions=shared, parity_invariant=True,
+        max_z=max_z, convention="schnetpack",
+    )
+    return _Rep({"name": "so3net", "params": params}, tensors, F, cutoff, max_z)
+
+
+_REPRESENTATIONS = {_SCHNET: _schnet, _PAINN: _painn, f"{_SPK}.representation.so3net.SO3net": _so3net}
 
 
 # ---- heads ----------------------------------------------------------------------------
