@@ -274,3 +274,65 @@ def test_tensor_bounds_are_checked(tmp_path):
     with pytest.raises(ModelFileError, match="fewer than 4"):
         load_records(bad, (), ())
     assert pkl_name  # the archive layout was the one torch writes
+
+
+def test_converted_models_are_rotation_equivariant(bundles):
+    """Rotating a molecule about the origin: energy unchanged, forces and dipole rotate as
+    vectors, the polarizability as Q alpha Q^T (SO3net with SchNetPack's conventions, PaiNN heads)."""
+    from scipy.spatial.transform import Rotation
+
+    from spkserve.ase import BundleCalculator
+
+    Q = Rotation.from_rotvec([0.3, -1.1, 0.7]).as_matrix()
+    for name, extras in (("so3net", ["dipole_moment"]), ("painn_response", ["dipole_moment", "polarizability"])):
+        calc = BundleCalculator(str(bundles[name]), dtype="float64", extra_properties=extras)
+        a, b = _atoms(1), _atoms(1)
+        b.positions = a.positions @ Q.T
+        res = []
+        for atoms in (a, b):
+            atoms.calc = calc
+            atoms.get_potential_energy()
+            res.append(dict(calc.results))
+        assert abs(res[0]["energy"] - res[1]["energy"]) < 1e-9 * max(1.0, abs(res[0]["energy"]))
+        np.testing.assert_allclose(res[0]["forces"] @ Q.T, res[1]["forces"], atol=1e-9)
+        np.testing.assert_allclose(Q @ res[0]["dipole_moment"], res[1]["dipole_moment"], atol=1e-9)
+        if "polarizability" in extras:
+            np.testing.assert_allclose(Q @ res[0]["polarizability"] @ Q.T, res[1]["polarizability"], atol=1e-8)
+
+
+def _records(name: str):
+    from spkserve.convert.schnetpack_model import CLASSES, FUNCTIONS
+    from spkserve.convert.torch_pickle import load_records
+
+    return load_records(FIX / REF["models"][name]["file"], CLASSES, FUNCTIONS)
+
+
+def _drop(module_list, cls_suffix: str, key: str | None = None) -> None:
+    mods = module_list.state["_modules"]
+    for k in list(mods):
+        if mods[k].class_name.endswith(cls_suffix) and (key is None or key in mods[k].state.values()):
+            del mods[k]
+            return
+    raise AssertionError(f"no {cls_suffix} {key} to drop")
+
+
+def test_inconsistent_or_energy_free_models_are_refused():
+    from spkserve.convert.schnetpack_model import convert_records
+
+    assert convert_records(_records("painn_response")).architecture["params"]["representation"]["name"] == "painn"
+    # ScaleProperty on the energy but not on the forces: forces would not be -dE/dR
+    root = _records("painn_response")
+    _drop(root.child("postprocessors"), "ScaleProperty", "forces")
+    with pytest.raises(ConversionError, match="forces are then not -dE/dR"):
+        convert_records(root)
+    # no energy head (like SchNetPack's qm9_dipole experiment): a bundle always predicts an energy
+    root = _records("painn_response")
+    _drop(root.child("output_modules"), "Forces")
+    _drop(root.child("output_modules"), "Atomwise")
+    with pytest.raises(ConversionError, match="no Atomwise energy head"):
+        convert_records(root)
+    # offsets of another property than the energy
+    root = _records("schnet")
+    root.child("postprocessors").children()[1].state["_property"] = "dipole_moment"
+    with pytest.raises(ConversionError, match="offsets of 'dipole_moment' are not supported"):
+        convert_records(root)
