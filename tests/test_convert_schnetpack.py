@@ -336,3 +336,15 @@ def test_inconsistent_or_energy_free_models_are_refused():
     root.child("postprocessors").children()[1].state["_property"] = "dipole_moment"
     with pytest.raises(ConversionError, match="offsets of 'dipole_moment' are not supported"):
         convert_records(root)
+
+
+def test_units_from_an_unresolved_run_config(tmp_path):
+    # SchNetPack writes config.yaml unresolved into the run directory, next to best_model
+    shutil.copy(FIX / REF["models"]["schnet_qm9"]["file"], tmp_path / "best_model")
+    (tmp_path / "config.yaml").write_text(
+        "globals:\n  unit: kcal/mol\n"
+        "data:\n  distance_unit: Bohr\n  property_units:\n    energy_U0: ${globals.unit}\n    gap: ${oops.missing}\n")
+    out = convert_schnetpack(tmp_path / "best_model", tmp_path / "q.bundle")
+    m = read_metadata(out)
+    assert m["units"] == {"length": "Bohr", "energy": "kcal/mol"}  # energy_U0 found as the energy key
+    assert m["cutoff"] == REF["cutoff_angstrom"]  # the cutoff stays in the model's own length unit

@@ -663,19 +663,35 @@ def read_schnetpack_model(path: str | Path, energy_key: str | None = None) -> Co
 
 
 def _units_from_run_config(model_path: Path) -> tuple[str | None, dict[str, str], Path | None]:
-    """(distance unit, property units by SchNetPack key, config path) from a SchNetPack run's
-    config beside the model file, if present."""
-    import yaml
+    """(distance unit, property units by SchNetPack key, config path) from the SchNetPack run's
+    ``config.yaml`` (saved unresolved in the run directory) or ``.hydra/config.yaml`` beside the
+    model file, if present. Interpolations are resolved where possible; unresolvable ones are skipped."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     for cand in (model_path.parent / "config.yaml", model_path.parent / ".hydra" / "config.yaml"):
-        if cand.is_file():
+        if not cand.is_file():
+            continue
+        try:
+            cfg = OmegaConf.load(cand)
+        except (OmegaConfBaseException, ValueError, OSError):
+            continue
+
+        def get(key: str):
             try:
-                cfg = yaml.safe_load(cand.read_text()) or {}
-            except yaml.YAMLError:
-                continue
-            data = cfg.get("data") or {}
-            props = data.get("property_units") or {}
-            return data.get("distance_unit"), {str(k): str(v) for k, v in props.items()}, cand
+                value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                return None
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+        node = OmegaConf.select(cfg, "data.property_units", default=None, throw_on_resolution_failure=False)
+        props = {}
+        for k in (node.keys() if OmegaConf.is_dict(node) else ()):
+            v = get(f"data.property_units.{k}")
+            if v is not None:
+                props[str(k)] = str(v)
+        length = get("data.distance_unit")
+        return (str(length) if length is not None else None), props, cand
     return None, {}, None
 
 
@@ -723,9 +739,11 @@ def convert_schnetpack(
     dipole_unit = cfg_units.get(conv.spk_keys.get(keys.dipole_moment, ""))
     polarizability_unit = cfg_units.get(conv.spk_keys.get(keys.polarizability, ""))
     if energy_unit is None:
+        where = (f"the run config {cfg_path} gives no unit for {conv.spk_keys[keys.energy]!r}" if cfg_path
+                 else "no run config.yaml was found beside it")
         raise ConversionError(
-            f"{model_file}: a SchNetPack model file does not record its energy unit and no run config.yaml "
-            "was found beside it; give the unit of the training energies, e.g. --energy-unit kcal/mol"
+            f"{model_file}: a SchNetPack model file does not record its energy unit and {where}; "
+            "give the unit of the training energies, e.g. --energy-unit kcal/mol"
         )
     length_unit = length_unit or cfg_len or "Ang"
     try:
