@@ -195,6 +195,7 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch.Size": _torch_size,
     **{f"torch.{n}": _StorageType(dt) for n, dt in _STORAGES.items()},
     **{f"torch.{n}": dt for n, dt in _DTYPE_GLOBALS.items()},
