@@ -325,6 +325,10 @@ def test_inconsistent_or_energy_free_models_are_refused():
     _drop(root.child("postprocessors"), "ScaleProperty", "forces")
     with pytest.raises(ConversionError, match="forces are then not -dE/dR"):
         convert_records(root)
+    # ... but without a Forces module there are no SchNetPack forces to disagree with
+    _drop(root.child("output_modules"), "Forces")
+    conv = convert_records(root)
+    assert float(conv.tensors["scale"]) == 2.5 and not any("stress" in n for n in conv.notes)
     # no energy head (like SchNetPack's qm9_dipole experiment): a bundle always predicts an energy
     root = _records("painn_response")
     _drop(root.child("output_modules"), "Forces")

@@ -494,7 +494,7 @@ class ConvertedModel:
     spk_keys: dict[str, str] = field(default_factory=dict)
 
 
-def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, stress_key: str, n_z: int) -> tuple[float, torch.Tensor, float, bool, list[str]]:
+def _offsets(post: Sequence[Any], energy_key: str, forces_key: str | None, stress_key: str | None, n_z: int) -> tuple[float, torch.Tensor, float, bool, list[str]]:
     """Fold the post-processors into E = scale * E_net + sum_i (atomref[Z_i] + mean)."""
     scale, mean = 1.0, 0.0
     atomref = torch.zeros(n_z, dtype=torch.float64)
@@ -538,7 +538,8 @@ def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, stress_key: 
         else:
             raise ConversionError(f"{what} is not supported ({SUPPORTED})")
     if scaled:
-        se, sf = scaled.get(energy_key), scaled.get(forces_key)
+        se = scaled.get(energy_key)
+        sf = scaled.get(forces_key) if forces_key is not None else se  # no Forces module: nothing to scale
         if se is None or sf is None or abs(se - sf) > 1e-12 * abs(se):
             raise ConversionError(
                 f"ScaleProperty scales energy by {se} and forces by {sf}: forces are then not -dE/dR and "
@@ -547,7 +548,7 @@ def _offsets(post: Sequence[Any], energy_key: str, forces_key: str, stress_key: 
         ss = scaled.get(stress_key)
         if ss is not None and abs(ss - se) > 1e-12 * abs(se):
             raise ConversionError(f"ScaleProperty scales energy by {se} but stress by {ss}; scale both alike")
-        if ss is None:
+        if ss is None and stress_key is not None:
             notes.append(
                 f"energy and forces scaled by {se:.10g}; SchNetPack leaves the stress unscaled in this model, "
                 "the bundle's stress is the strain derivative of the scaled energy"
@@ -583,10 +584,10 @@ def convert_records(root: Any, energy_key: str | None = None) -> ConvertedModel:
             "the model has no Atomwise energy head: a bundle always predicts an energy, so models of other "
             f"properties alone (e.g. qm9_dipole) cannot be converted (heads: {[_short(h) for h in heads]})"
         )
-    forces_key = forces[0].get("force_key", "forces") if forces else "forces"
-    stress_key = forces[0].get("stress_key", "stress") if forces else "stress"
+    forces_key = forces[0].get("force_key", "forces") if forces else None
+    stress_key = forces[0].get("stress_key", "stress") if forces else None
     head_specs, tensors, outputs = [], {}, []
-    spk_keys = {keys.energy: energy_key, keys.forces: forces_key}
+    spk_keys = {keys.energy: energy_key, keys.forces: forces_key or "forces"}
     for k, h in enumerate(heads):
         if _is(h, _FORCES):
             if h.get("energy_key") != energy_key:
