@@ -21,6 +21,7 @@ _COMMANDS: dict[str, str] = {
     "ipi-server": "spkserve.commands.ipi_cmds:ipi_server",
     "serve": "spkserve.commands.serve_cmds:serve",
     "lammps": "spkserve.commands.lammps_cmds:lammps",
+    "convert": "spkserve.commands.convert_cmds:convert",
 }
 
 

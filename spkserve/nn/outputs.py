@@ -106,20 +106,44 @@ class GatedEquivariantBlock(nn.Module):
 
 
 def build_gated_equivariant_mlp(
-    n_in: int, n_out: int, n_hidden: int | None = None, n_layers: int = 2, activation_name: str = "silu"
+    n_in: int,
+    n_out: int,
+    n_hidden: int | Sequence[int] | None = None,
+    n_layers: int = 2,
+    activation_name: str = "silu",
+    n_gating_hidden: Sequence[int] | None = None,
+    epsilon: float = 1e-8,
 ) -> nn.ModuleList:
-    """Stack of gated equivariant blocks with widths halving from ``n_in`` to ``n_out``."""
+    """Stack of gated equivariant blocks with widths halving from ``n_in`` to ``n_out``
+    (or the hidden widths ``n_hidden``: one for all, or a list of ``n_layers - 1``).
+
+    ``n_gating_hidden`` gives the hidden width of each block's gating network
+    (default: the larger of its input and output width); ``epsilon`` regularises
+    the vector norms (0 gives the plain norm, as SchNetPack's block).
+    """
     widths = [n_in]
-    for _ in range(n_layers - 1):
-        widths.append(n_hidden if n_hidden is not None else max(n_out, widths[-1] // 2))
+    if n_hidden is not None and not isinstance(n_hidden, int):
+        hidden = [int(w) for w in n_hidden]
+        if len(hidden) != n_layers - 1:
+            raise ValueError(f"n_hidden lists {len(hidden)} widths but n_layers={n_layers} needs {n_layers - 1}")
+        widths += hidden
+    else:
+        for _ in range(n_layers - 1):
+            widths.append(n_hidden if n_hidden is not None else max(n_out, widths[-1] // 2))
     widths.append(n_out)
+    if n_gating_hidden is None:
+        gating = [max(widths[k], widths[k + 1]) for k in range(n_layers)]
+    else:
+        gating = [int(w) for w in n_gating_hidden]
+        if len(gating) != n_layers:
+            raise ValueError(f"n_gating_hidden lists {len(gating)} widths but there are {n_layers} blocks")
     blocks = []
     for k in range(n_layers):
         last = k == n_layers - 1
         blocks.append(
             GatedEquivariantBlock(
-                widths[k], widths[k], widths[k + 1], widths[k + 1], max(widths[k], widths[k + 1]),
-                activation_name, None if last else activation_name,
+                widths[k], widths[k], widths[k + 1], widths[k + 1], gating[k],
+                activation_name, None if last else activation_name, epsilon,
             )
         )
     return nn.ModuleList(blocks)
@@ -150,7 +174,7 @@ class DipoleMoment(nn.Module):
     def __init__(
         self,
         n_in: int,
-        n_hidden: int | None = None,
+        n_hidden: int | Sequence[int] | None = None,
         n_layers: int = 2,
         activation_name: str = "silu",
         use_vector_representation: bool = False,
@@ -158,11 +182,15 @@ class DipoleMoment(nn.Module):
         predict_magnitude: bool = False,
         dipole_key: str = keys.dipole_moment,
         charges_key: str = keys.partial_charges,
+        n_gating_hidden: Sequence[int] | None = None,
+        epsilon: float = 1e-8,
     ):
         super().__init__()
         self.use_vector_representation = use_vector_representation
         if use_vector_representation:
-            self.net = build_gated_equivariant_mlp(n_in, 1, n_hidden, n_layers, activation_name)
+            self.net = build_gated_equivariant_mlp(
+                n_in, 1, n_hidden, n_layers, activation_name, n_gating_hidden, epsilon
+            )
         else:
             self.net = build_mlp(n_in, 1, n_hidden, n_layers, activation_name)
         self.correct_charges = correct_charges
@@ -200,20 +228,27 @@ class Polarizability(nn.Module):
     """Polarizability tensor from scalar and vector features (PaiNN paper, eq. 14).
 
     alpha = sum_i a_i I + nu_i (x) r_i + r_i (x) nu_i, with r_i relative to the
-    system's geometric centre (so the result is translation invariant).
+    system's geometric centre (so the result is translation invariant), or with
+    ``centre_positions=False`` the positions as given (SchNetPack's head, which
+    therefore depends on the origin). ``n_gating_hidden`` and ``epsilon``: see
+    :func:`build_gated_equivariant_mlp`.
     """
 
     def __init__(
         self,
         n_in: int,
-        n_hidden: int | None = None,
+        n_hidden: int | Sequence[int] | None = None,
         n_layers: int = 2,
         activation_name: str = "silu",
         polarizability_key: str = keys.polarizability,
+        n_gating_hidden: Sequence[int] | None = None,
+        epsilon: float = 1e-8,
+        centre_positions: bool = True,
     ):
         super().__init__()
-        self.net = build_gated_equivariant_mlp(n_in, 1, n_hidden, n_layers, activation_name)
+        self.net = build_gated_equivariant_mlp(n_in, 1, n_hidden, n_layers, activation_name, n_gating_hidden, epsilon)
         self.polarizability_key = polarizability_key
+        self.centre_positions = centre_positions
 
     def forward(
         self, inputs: dict[str, torch.Tensor], features: dict[str, torch.Tensor], results: dict[str, torch.Tensor]
@@ -223,7 +258,7 @@ class Polarizability(nn.Module):
         s, v = _run_gated(self.net, features[SCALAR], features[VECTOR])
         a = s.squeeze(-1)  # [N]
         nu = v.squeeze(-1)  # [N, 3]
-        r = _centred_positions(inputs)
+        r = _centred_positions(inputs) if self.centre_positions else inputs[keys.R]
         outer = nu[:, :, None] * r[:, None, :]
         eye = torch.eye(3, dtype=a.dtype, device=a.device)
         alpha = a[:, None, None] * eye + outer + outer.transpose(1, 2)  # [N, 3, 3]

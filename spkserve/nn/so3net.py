@@ -8,6 +8,8 @@ Clebsch–Gordan self-product, gated nonlinearity by scalars, residual update.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,15 +18,40 @@ from spkserve.nn.cutoff import build_cutoff
 from spkserve.nn.geometry import PAIR_DISTANCES, PAIR_I, PAIR_J, PAIR_VECTORS, SCALAR, VECTOR
 from spkserve.nn.layers import Dense
 from spkserve.nn.radial import build_rbf
-from spkserve.nn.so3 import LMAX_SUPPORTED, degree_of_index, real_spherical_harmonics, sparse_coupling
+from spkserve.nn.so3 import LMAX_SUPPORTED, coupling_paths, degree_of_index, real_spherical_harmonics, sparse_coupling
+
+
+#: SchNetPack's real Clebsch–Gordan coefficients are ours times sign * sqrt(2 l3 + 1) on each
+#: (l1, l2, l3) path (standard normalisation; the signs of its real-harmonic convention),
+#: checked against SchNetPack 2.2 models in tests/test_convert_schnetpack.py
+_SCHNETPACK_SIGNS = {(1, 1, 0): -1.0, (1, 1, 2): -1.0, (1, 2, 1): -1.0, (2, 1, 1): -1.0}
+CONVENTIONS = ("spkserve", "schnetpack")
+
+
+def _check_convention(convention: str, parity_invariant: bool) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown SO3 convention {convention!r}; choose one of {list(CONVENTIONS)}")
+    if convention == "schnetpack" and not parity_invariant:
+        raise ValueError("the schnetpack convention has parity-invariant couplings only (parity_invariant=True)")
 
 
 class SO3Coupling(nn.Module):
-    """Clebsch–Gordan product of two feature tensors ``[B, L, F] x [B, L, F] -> [B, L, F]``."""
+    """Clebsch–Gordan product of two feature tensors ``[B, L, F] x [B, L, F] -> [B, L, F]``.
 
-    def __init__(self, lmax: int, parity_invariant: bool = True):
+    ``convention="schnetpack"`` uses SchNetPack's normalisation and signs of the coefficients
+    (for models converted from SchNetPack; see :data:`_SCHNETPACK_SIGNS`).
+    """
+
+    def __init__(self, lmax: int, parity_invariant: bool = True, convention: str = "spkserve"):
         super().__init__()
-        i1, i2, io, cf, _ = sparse_coupling(lmax, parity_invariant)
+        _check_convention(convention, parity_invariant)
+        i1, i2, io, cf, path = sparse_coupling(lmax, parity_invariant)
+        if convention == "schnetpack":
+            paths = coupling_paths(lmax, parity_invariant)
+            factor = torch.tensor(
+                [_SCHNETPACK_SIGNS.get(p, 1.0) * math.sqrt(2 * p[2] + 1) for p in paths], dtype=cf.dtype
+            )
+            cf = cf * factor[path]
         self.n_lm = (lmax + 1) ** 2
         self.register_buffer("idx_1", i1, persistent=False)
         self.register_buffer("idx_2", i2, persistent=False)
@@ -85,6 +112,9 @@ class SO3net(nn.Module):
         shared_interactions: reuse one block.
         parity_invariant: keep only couplings with even l1 + l2 + l3 (O(3) invariance).
         max_z: largest atomic number supported.
+        convention: ``"spkserve"`` (harmonics with Y_00 = 1, unit-norm couplings) or
+            ``"schnetpack"`` (orthonormal harmonics and standard Clebsch–Gordan
+            normalisation, as SchNetPack's SO3net; for converted models).
     """
 
     def __init__(
@@ -99,8 +129,12 @@ class SO3net(nn.Module):
         shared_interactions: bool = False,
         parity_invariant: bool = True,
         max_z: int = 100,
+        convention: str = "spkserve",
     ):
         super().__init__()
+        _check_convention(convention, parity_invariant)
+        #: SchNetPack's harmonics are ours divided by sqrt(4 pi) (orthonormal on the sphere)
+        self.harmonics_scale = 1.0 / math.sqrt(4.0 * math.pi) if convention == "schnetpack" else 1.0
         if not 1 <= lmax <= LMAX_SUPPORTED:
             raise ValueError(f"SO3net supports lmax 1..{LMAX_SUPPORTED}, got {lmax}")
         if n_interactions < 1:
@@ -115,7 +149,7 @@ class SO3net(nn.Module):
         self.radial_basis = build_rbf(radial_basis, n_rbf, self.cutoff)
         self.cutoff_fn = build_cutoff(cutoff_fn, self.cutoff)
         self.filter_net = Dense(n_rbf, n_interactions * (lmax + 1) * n_atom_basis)
-        coupling = SO3Coupling(lmax, parity_invariant)
+        coupling = SO3Coupling(lmax, parity_invariant, convention)
         n_blocks = 1 if shared_interactions else n_interactions
         self.blocks = nn.ModuleList(SO3netBlock(n_atom_basis, lmax, coupling) for _ in range(n_blocks))
         self.register_buffer("degree", degree_of_index(lmax), persistent=False)
@@ -125,6 +159,8 @@ class SO3net(nn.Module):
         idx_i, idx_j = geometry[PAIR_I], geometry[PAIR_J]
         d_ij = geometry[PAIR_DISTANCES]
         Y = real_spherical_harmonics(geometry[PAIR_VECTORS] / d_ij[:, None], self.lmax)  # [P, L]
+        if self.harmonics_scale != 1.0:
+            Y = Y * self.harmonics_scale
         F_, L, nl = self.n_atom_basis, (self.lmax + 1) ** 2, self.lmax + 1
         W = self.filter_net(self.radial_basis(d_ij)) * self.cutoff_fn(d_ij)[:, None]
         W = W.view(-1, self.n_interactions, nl, F_)
