@@ -174,8 +174,14 @@ def test_batched_molecules_and_replicas_match_separate_runs(lj_calc):
 
 
 def test_time_step_in_fs():
+    """Against constants that are not the implementation's: CODATA 2018 ħ/E_h = 2.4188843265857e-17 s
+    and ASE's fs and atomic time (independent of spkserve.units)."""
+    import ase.units
+
     vv = VelocityVerlet(0.5)
-    assert abs(vv.time_step - 0.5e-15 / units.AU_TIME_IN_S) < 1e-12
+    assert vv.time_step == pytest.approx(0.5e-15 / 2.4188843265857e-17, rel=1e-9)  # 20.6707 au
+    au_time_ase = ase.units._hbar / (ase.units.Hartree * ase.units._e)  # s
+    assert vv.time_step == pytest.approx(0.5 * 1e-15 / au_time_ase, rel=1e-7)
     assert abs(vv.time_step_fs - 0.5) < 1e-14
     with pytest.raises(ValueError, match="positive"):
         VelocityVerlet(0.0)
