@@ -14,6 +14,7 @@ from spkserve import units
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ipi_peers import (  # noqa: E402
+    PROCESS_BOUND_S,
     SPKSERVE,
     have_ipi,
     ipi_input,
@@ -70,14 +71,14 @@ def _run_ipi_with_client(bundle: Path, nbeads: int, batch_size: int, client_args
             if forcefield is None:
                 client = subprocess.Popen(
                     [str(SPKSERVE), "ipi", str(bundle), "--unix", str(work) + "/ipi_spk",
-                     "--species", ",".join(["Ar"] * N_ATOMS), "--connect-timeout", "60", *client_args],
+                     "--species", ",".join(["Ar"] * N_ATOMS), "--connect-timeout", str(int(PROCESS_BOUND_S)), *client_args],
                     stderr=subprocess.PIPE, text=True,
                 )
-            rc = wait_or_kill(ipi, 120)
+            rc = wait_or_kill(ipi, PROCESS_BOUND_S)  # ends when i-PI exits; generous backstop only
             assert rc == 0, (work / "ipi.log").read_text()[-3000:]
             client_err = ""
             if client is not None:
-                _, client_err = client.communicate(timeout=30)
+                _, client_err = client.communicate(timeout=PROCESS_BOUND_S)
                 assert client.returncode == 0, client_err
             props = read_properties(work / "sim.out")
             frames = len(props)
@@ -106,14 +107,14 @@ def _check_agreement(bundle, props, trajs):
     assert np.ptp(conserved) < 0.01 * np.ptp(kinetic), (np.ptp(conserved), np.ptp(kinetic))
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_nve_energies_equal_direct_evaluation(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=1, batch_size=1, client_args=[])
     _check_agreement(lj_bundle, props, trajs)
     assert "EXIT from server" in err
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_pimd_8_beads_batched_one_model_call_per_step(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=8, batch_size=8, client_args=[])
     _check_agreement(lj_bundle, props, trajs)
@@ -122,7 +123,7 @@ def test_ipi_pimd_8_beads_batched_one_model_call_per_step(lj_bundle):
     assert m and int(m.group(1)) == 8 * int(m.group(2)), err
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_pimd_8_beads_unbatched_with_workers(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=8, batch_size=1, client_args=["--workers", "4"])
     _check_agreement(lj_bundle, props, trajs)
@@ -130,7 +131,7 @@ def test_ipi_pimd_8_beads_unbatched_with_workers(lj_bundle):
     assert m and int(m.group(1)) > int(m.group(2)), f"requests on the 4 connections were never evaluated together: {err}"
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_ffdirect_pes_module_batched(lj_bundle):
     import spkserve.ipi.pes as pes_module
 
