@@ -15,8 +15,31 @@ import numpy as np
 from spkserve import units
 
 
+def _open_log(path: Path, attempts: int = 30):
+    """Open a log for reading: as a plain HDF5 file, else (a run writing it right now, or one
+    killed during a flush, which leaves the "open for writing" flag) in SWMR read mode."""
+    import time
+
+    import h5py
+
+    errors = []
+    for k in range(attempts):
+        for kw in ({}, {"libver": "latest", "swmr": True}):
+            try:
+                return h5py.File(path, "r", locking=False, **kw)
+            except OSError as err:
+                if "signature" in str(err):  # not an HDF5 file at all: no point in waiting
+                    raise OSError(f"cannot open {path} as an spkmd HDF5 log: {err}") from err
+                errors.append(err)
+        time.sleep(min(0.01 * 2**k, 0.2))  # the writer holds the file only for a flush
+    raise OSError(
+        f"cannot open {path} as an spkmd HDF5 log ({errors[-2]}; in SWMR mode: {errors[-1]}); if the run "
+        "crashed, restarting it or `h5clear -s` clears the flag"
+    ) from errors[-1]
+
+
 class HDF5Loader:
-    """Load a simulation log (readable while the run is still writing, SWMR).
+    """Load a simulation log (also while the run is writing it, and after a crash).
 
     Args:
         path: the HDF5 file.
@@ -29,10 +52,7 @@ class HDF5Loader:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"simulation log {str(self.path)!r} does not exist")
-        try:
-            f = h5py.File(self.path, "r", libver="latest", swmr=True)
-        except OSError as err:
-            raise OSError(f"cannot open {self.path} as an spkmd HDF5 log: {err}") from err
+        f = _open_log(self.path)
         with f:
             if "properties" not in f or "entries" not in f.attrs:
                 raise ValueError(f"{self.path} is not an spkmd HDF5 log (no 'properties' group / 'entries')")
@@ -50,6 +70,9 @@ class HDF5Loader:
             s = slice(min(skip_initial, n), n)
             self._data: dict[str, np.ndarray] = {}
             self.units: dict[str, str] = {}
+            #: how the logged temperature was estimated ("kinetic"; ring polymers: bead T / P)
+            self.temperature_estimator = str(f["properties"]["temperature"].attrs.get("estimator", "kinetic")) \
+                if "temperature" in f["properties"] else "kinetic"
             for group in ("properties", "molecules"):
                 for name, d in f[group].items():
                     self._data[name] = d[s]

@@ -38,33 +38,49 @@ class Initializer:
         self.remove_rotation = remove_rotation
         self.rescale = rescale
 
-    def sample(self, system: System, generator: torch.Generator) -> torch.Tensor:
-        """Raw momenta [R, N, 3] before COM removal and rescaling."""
+    def sample(self, system: System, generator: torch.Generator, temperature_K: float) -> torch.Tensor:
+        """Raw momenta [R, N, 3] at ``temperature_K`` before COM removal and rescaling."""
         raise NotImplementedError
 
-    def __call__(self, system: System, generator: torch.Generator | None = None) -> None:
+    def __call__(self, system: System, generator: torch.Generator | None = None,
+                 com_thermalised: bool = False, temperature_factor: float = 1.0) -> None:
+        """Set the momenta (and ``system.dof``).
+
+        ``temperature_factor``: the momenta are drawn (and rescaled) at ``temperature_K`` times
+        this (ring polymers: P, the beads move at P·T; ``integrator.kinetic_temperature_factor``).
+
+        ``com_thermalised``: the dynamics puts the centre-of-mass translation and rotation back
+        (a per-atom thermostat such as Langevin or GLE counts all 3N degrees of freedom); they are
+        then kept, the temperature counts 3N, and the rescaled start is at ``temperature_K`` in
+        the dof the run reports (without it ethanol under Langevin started at 300·21/27 = 233 K).
+        """
         if generator is None:
             generator = torch.Generator().manual_seed(0)
-        system.set_dof(self.remove_translation, self.remove_rotation)
+        remove_translation = self.remove_translation and not com_thermalised
+        remove_rotation = self.remove_rotation and not com_thermalised
+        system.set_dof(remove_translation, remove_rotation)
         if self.temperature_K == 0:
             system.momenta.zero_()
             return
-        system.momenta.copy_(self.sample(system, generator))
-        if self.remove_translation:
+        if not temperature_factor > 0:
+            raise ValueError(f"temperature_factor must be positive, got {temperature_factor}")
+        target_K = self.temperature_K * float(temperature_factor)
+        system.momenta.copy_(self.sample(system, generator, target_K))
+        if remove_translation:
             system.remove_com_translation()
-        if self.remove_rotation:
+        if remove_rotation:
             system.remove_com_rotation()
         if self.rescale:
             T = system.temperature()  # [R, M]
-            scale = torch.sqrt(self.temperature_K / torch.clamp(T, min=1e-30))
+            scale = torch.sqrt(target_K / torch.clamp(T, min=1e-30))
             system.momenta *= system.expand_molecules(scale).unsqueeze(-1)
 
 
 class MaxwellBoltzmann(Initializer):
     """p_i ~ N(0, m_i k_B T) per Cartesian component."""
 
-    def sample(self, system: System, generator: torch.Generator) -> torch.Tensor:
-        kT = self.temperature_K * units.KB_HARTREE_PER_K
+    def sample(self, system: System, generator: torch.Generator, temperature_K: float) -> torch.Tensor:
+        kT = temperature_K * units.KB_HARTREE_PER_K
         x = torch.randn(system.momenta.shape, generator=generator, dtype=system.dtype).to(system.device)
         return x * torch.sqrt(system.masses3 * kT)
 
@@ -72,9 +88,9 @@ class MaxwellBoltzmann(Initializer):
 class Uniform(Initializer):
     """Velocities uniform in [-1, 1] (then rescaled to the temperature)."""
 
-    def sample(self, system: System, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, system: System, generator: torch.Generator, temperature_K: float) -> torch.Tensor:
         u = torch.rand(system.momenta.shape, generator=generator, dtype=system.dtype).to(system.device)
-        kT = self.temperature_K * units.KB_HARTREE_PER_K
+        kT = temperature_K * units.KB_HARTREE_PER_K
         return (2.0 * u - 1.0) * torch.sqrt(3.0 * system.masses3 * kT)
 
 

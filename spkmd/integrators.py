@@ -55,6 +55,21 @@ class Integrator(ABC):
         [R, M], added to the conserved quantity; ``None`` for plain Newtonian dynamics."""
         return None
 
+    #: name of the estimator :meth:`temperature` returns (shown in progress lines, logs, plots)
+    temperature_estimator = "kinetic"
+
+    def kinetic_temperature_factor(self, system: System) -> float:
+        """Ratio of the temperature the momenta move at to the physical one (1; ring polymers P)."""
+        return 1.0
+
+    def temperature(self, system: System) -> torch.Tensor:
+        """Physical temperature estimate per replica and molecule in K.  [R, M]
+
+        The kinetic temperature 2 K / (dof k_B) of every replica divided by
+        :meth:`kinetic_temperature_factor` (1 for plain dynamics).
+        """
+        return system.temperature() / self.kinetic_temperature_factor(system)
+
     def to(self, device=None, dtype=None) -> "Integrator":
         """Move internal tensors (none for plain Verlet); returns self."""
         return self

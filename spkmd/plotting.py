@@ -53,7 +53,7 @@ def plot_log(log_file: str | Path, out_dir: str | Path, molecule: int | None = N
     T_all = log.get_property("temperature", None)  # [T, M]
     ax.axhline(float(np.mean(T_all)), color="k", ls="--", lw=0.8, label=f"mean {float(np.mean(T_all)):.1f} K")
     ax.set_xlabel("time / fs")
-    ax.set_ylabel("temperature / K")
+    ax.set_ylabel(f"temperature / K ({log.temperature_estimator})")
     ax.legend(fontsize="small")
     fig.tight_layout()
     written.append(out / "temperature.png")

@@ -33,6 +33,7 @@ from spkmd.factory import (
     config_root,
 )
 from spkmd.simulator import Simulator
+from spkmd.thermostats import Thermostat
 
 CONFIG_NAME = "config"
 TOP_LEVEL_KEYS = {"calculator", "system", "dynamics", "callbacks", "simulation_dir", "device", "precision", "seed",
@@ -230,7 +231,10 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
     if restart:
         sim.load_checkpoint(ck)
     elif init_cfg is not None:
-        build_initializer(dict(init_cfg))(system, sim.generator)
+        # a per-atom thermostat thermalises (and counts) the COM modes: start them at T as well
+        com_thermalised = any(isinstance(h, Thermostat) and h.acts_per_atom for h in hooks)
+        build_initializer(dict(init_cfg))(system, sim.generator, com_thermalised=com_thermalised,
+                                          temperature_factor=integrator.kinetic_temperature_factor(system))
     OmegaConf.save(cfg, sim_dir / SAVED_CONFIG)  # resolved seed; on restart e.g. a raised n_steps
     return sim, restart
 
@@ -246,8 +250,9 @@ def run_simulation(cfg: DictConfig, out=None) -> Simulator:
     remaining = n_total - sim.step
     try:
         with _sigterm_as_interrupt():
-            if remaining > 0:
-                sim.simulate(remaining)
+            # simulate(0) on a finished run still starts the hooks, which restore their
+            # checkpointed state (bath energies, thermostat dof), so the summary below is right
+            sim.simulate(max(remaining, 0))
     finally:
         sim.calculator.close()
     s = sim.system
@@ -255,7 +260,8 @@ def run_simulation(cfg: DictConfig, out=None) -> Simulator:
 
     to_eV = units.factor("Hartree", "eV")
     print(
-        f"done: step {sim.step} ({sim.time_fs:.1f} fs); T = {float(s.temperature().mean()):.2f} K, "
+        f"done: step {sim.step} ({sim.time_fs:.1f} fs); T = {float(sim.temperature().mean()):.2f} K "
+        f"({sim.integrator.temperature_estimator}), "
         f"E_pot = {float(s.energy.mean()) * to_eV:.6f} eV, E_kin = {float(s.kinetic_energy().mean()) * to_eV:.6f} eV, "
         f"E_conserved = {float(sim.conserved_energy().mean()) * to_eV:.6f} eV",
         file=out,

@@ -90,6 +90,11 @@ class Simulator:
         """Simulated time so far in fs."""
         return self.step * self.integrator.time_step_fs
 
+    def temperature(self) -> torch.Tensor:
+        """Physical temperature per replica and molecule in K, by the integrator's estimator
+        (``integrator.temperature_estimator``; for ring polymers the bead temperature / P).  [R, M]"""
+        return self.integrator.temperature(self.system)
+
     def bath_energy(self) -> torch.Tensor:
         """Energy the hooks (thermostats, barostats) took from the system, Hartree.  [R, M]"""
         total = torch.zeros_like(self.system.energy)

@@ -369,6 +369,9 @@ _UNIT_WORDS = {
 }
 
 
+_SECTION_HEADER = re.compile(r"#+\s*([ACD])[\s_-]*MATRIX\b\s*:?\s*(?:\(([^)]*)\))?", re.IGNORECASE)
+
+
 def _gle_unit(word: str, kind: str, where: str) -> str | None:
     """Unit string of a matrix-section header word (``au`` means the atomic unit of that matrix)."""
     w = word.strip().lower()
@@ -398,11 +401,13 @@ def read_matrix_sections(path: str | Path) -> dict[str, tuple[np.ndarray, str | 
         if not s:
             continue
         if s.startswith("#"):
-            m = re.search(r"\b([ACD])[\s-]*MATRIX", s, re.IGNORECASE)
+            # a section header is a comment that *starts* with the matrix name, e.g.
+            # "# A MATRIX: (picoseconds^-1)"; any other comment (one that merely mentions
+            # "the C matrix" in prose) is skipped
+            m = _SECTION_HEADER.match(s)
             if m:
                 current = m.group(1).upper()
-                u = re.search(r"\(([^)]*)\)", s)
-                unit_of[current] = _gle_unit(u.group(1), current, f"{path}:{lineno}") if u else None
+                unit_of[current] = _gle_unit(m.group(2), current, f"{path}:{lineno}") if m.group(2) else None
             continue
         try:
             sections.setdefault(current, []).append([float(x) for x in s.split()])

@@ -51,7 +51,8 @@ def ipi_input(
     forcefield: str | None = None,
     seed: int = 12345,
 ) -> Path:
-    """An i-PI NVE input on ``init.xyz`` that writes potentials and binary positions every step."""
+    """An i-PI NVE input on ``init.xyz`` that writes potentials, binary positions and binary forces
+    (``sim.frc_<bead>.bin``, Hartree/Bohr, the forces i-PI received from the client) every step."""
     ff = forcefield or f"""
   <ffsocket name="spk" mode="unix" pbc="false">
     <address>spk</address>
@@ -63,6 +64,7 @@ def ipi_input(
   <output prefix="sim">
     <properties stride="1" filename="out" flush="1">[step, conserved, potential, kinetic_md, bead_potentials]</properties>
     <trajectory filename="pos" stride="1" format="bin" flush="1">positions</trajectory>
+    <trajectory filename="frc" stride="1" format="bin" flush="1">forces</trajectory>
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>{seed}</seed></prng>{ff}
@@ -144,4 +146,22 @@ def wait_for_path(path: Path, timeout_s: float = 30.0) -> None:
     while not os.path.exists(path):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout_s} s")
+        time.sleep(0.02)
+
+
+#: bound for waits on external processes (start-up of a Python/torch driver, LAMMPS): generous,
+#: because a loaded CI machine can take minutes; the waits below end as soon as the event happens
+PROCESS_BOUND_S = 600.0
+
+
+def wait_for_drivers(server, proc: subprocess.Popen, count: int = 1, timeout_s: float = PROCESS_BOUND_S) -> None:
+    """Event-driven: return once ``count`` drivers completed the handshake with ``server``; fail at
+    once (with its stderr) if the driver process ``proc`` exits first; give up after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while server.n_drivers < count:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr is not None else ""
+            raise AssertionError(f"driver exited with {proc.returncode} before connecting: {err}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {server.n_drivers} of {count} drivers connected within {timeout_s} s")
         time.sleep(0.02)

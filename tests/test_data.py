@@ -31,13 +31,16 @@ from training.data import (  # noqa: E402
     make_split,
 )
 
+from testdata import data_file  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-ETHANOL = DATA / "xtb" / "ethanol_gfn2xtb_500K.extxyz"
-MD17_SPK_DB = DATA / "public" / "md17_ethanol_20frames_schnetpack_kcalmol.db"
-MD17_EV = DATA / "public" / "md17_ethanol_20frames_eV.extxyz"
-QM9 = DATA / "public" / "qm9_500mols_U0_eV.extxyz"
+# the small set shipped in tests/data (leading frames of ../shared/data; see tests/testdata.py)
+ETHANOL = data_file("xtb/ethanol_gfn2xtb_500K.extxyz")  # first 240 frames
+MD17_SPK_DB = data_file("public/md17_ethanol_20frames_schnetpack_kcalmol.db")
+MD17_EV = data_file("public/md17_ethanol_20frames_eV.extxyz")
+QM9 = data_file("public/qm9_500mols_U0_eV.extxyz")  # first 300 molecules
+WATER = data_file("xtb/water16_pbc_gfn1xtb_300K.extxyz")  # first 4 frames
 
 KCAL_MOL_IN_EV = ase_units.kcal / ase_units.mol  # independent of spkserve.units
 
@@ -351,8 +354,7 @@ def test_dataloader_with_worker_process(ethanol_db):
 
 
 def test_cutoff_problems_are_found_at_setup(tmp_path):
-    water = DATA / "xtb" / "water16_pbc_gfn1xtb_300K.extxyz"
-    frames = read(str(need(water)), index=":4")
+    frames = read(str(need(WATER)), index=":4")
     frames[2].set_cell(np.diag([7.82, 7.82, 0.05]))  # degenerate along c, still periodic
     db = from_ase_file_like(frames, tmp_path / "w.db")
     for in_memory in (True, False):

@@ -36,15 +36,17 @@ from training.data import (  # noqa: E402
     download_file,
 )
 
+from testdata import data_file  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-ASPIRIN_KCAL = DATA / "public" / "md17_aspirin_15frames_nequip_kcalmol.xyz"
-ASPIRIN_EV = DATA / "public" / "md17_aspirin_15frames_eV.extxyz"
-ETHANOL_SPK = DATA / "public" / "md17_ethanol_20frames_schnetpack_kcalmol.db"
-ETHANOL_EV = DATA / "public" / "md17_ethanol_20frames_eV.extxyz"
-QM9_EV = DATA / "public" / "qm9_500mols_U0_eV.extxyz"
-ISO17_EV = DATA / "public" / "iso17_C7H10O2_40frames_eV.extxyz"
+# the small set shipped in tests/data (leading frames of ../shared/data; see tests/testdata.py)
+ASPIRIN_KCAL = data_file("public/md17_aspirin_15frames_nequip_kcalmol.xyz")
+ASPIRIN_EV = data_file("public/md17_aspirin_15frames_eV.extxyz")
+ETHANOL_SPK = data_file("public/md17_ethanol_20frames_schnetpack_kcalmol.db")
+ETHANOL_EV = data_file("public/md17_ethanol_20frames_eV.extxyz")
+QM9_EV = data_file("public/qm9_500mols_U0_eV.extxyz")  # first 300 molecules
+ISO17_EV = data_file("public/iso17_C7H10O2_40frames_eV.extxyz")  # first 12 frames
 
 KCAL_MOL_IN_EV = ase_units.kcal / ase_units.mol
 

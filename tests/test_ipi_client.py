@@ -14,6 +14,7 @@ from spkserve import units
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ipi_peers import (  # noqa: E402
+    PROCESS_BOUND_S,
     SPKSERVE,
     have_ipi,
     ipi_input,
@@ -42,15 +43,18 @@ def _cluster(seed: int = 1) -> np.ndarray:
     return grid * 3.8 + rng.normal(0, 0.05, (N_ATOMS, 3)) + 12.0
 
 
-def _evaluate_direct(bundle: Path, cells_bohr: np.ndarray, positions_bohr: np.ndarray) -> np.ndarray:
-    """Potential energies (Hartree) of i-PI's frames, evaluated in-process with the bundle."""
+def _evaluate_direct(bundle: Path, cells_bohr: np.ndarray, positions_bohr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Potential energies (Hartree) [F] and forces (Hartree/Bohr) [F, N, 3] of i-PI's frames,
+    evaluated in-process with the bundle."""
     from spkserve.batch import Structure
     from spkserve.runtime import ModelRunner
 
     runner = ModelRunner(bundle, dtype="float64")
     b2a = units.factor("Bohr", "Angstrom")
     structs = [Structure([18] * N_ATOMS, p * b2a, c * b2a, True) for c, p in zip(cells_bohr, positions_bohr)]
-    return runner.compute(structs)["energy"].numpy() * units.factor("eV", "Hartree")
+    out = runner.compute(structs, ("energy", "forces"))
+    forces = out["forces"].numpy().reshape(len(structs), N_ATOMS, 3) * units.factor("eV/Angstrom", "Hartree/Bohr")
+    return out["energy"].numpy() * units.factor("eV", "Hartree"), forces
 
 
 def _run_ipi_with_client(bundle: Path, nbeads: int, batch_size: int, client_args: list[str], forcefield=None):
@@ -67,18 +71,20 @@ def _run_ipi_with_client(bundle: Path, nbeads: int, batch_size: int, client_args
             if forcefield is None:
                 client = subprocess.Popen(
                     [str(SPKSERVE), "ipi", str(bundle), "--unix", str(work) + "/ipi_spk",
-                     "--species", ",".join(["Ar"] * N_ATOMS), "--connect-timeout", "60", *client_args],
+                     "--species", ",".join(["Ar"] * N_ATOMS), "--connect-timeout", str(int(PROCESS_BOUND_S)), *client_args],
                     stderr=subprocess.PIPE, text=True,
                 )
-            rc = wait_or_kill(ipi, 120)
+            rc = wait_or_kill(ipi, PROCESS_BOUND_S)  # ends when i-PI exits; generous backstop only
             assert rc == 0, (work / "ipi.log").read_text()[-3000:]
             client_err = ""
             if client is not None:
-                _, client_err = client.communicate(timeout=30)
+                _, client_err = client.communicate(timeout=PROCESS_BOUND_S)
                 assert client.returncode == 0, client_err
             props = read_properties(work / "sim.out")
             frames = len(props)
             trajs = [read_bin_trajectory(work / f"sim.pos_{b}.bin", frames) for b in range(nbeads)]
+            forces = [read_bin_trajectory(work / f"sim.frc_{b}.bin", frames)[1] for b in range(nbeads)]
+            trajs = [(cells, pos, frc) for (cells, pos), frc in zip(trajs, forces)]
         finally:
             stop(ipi)
             stop(client)
@@ -88,23 +94,27 @@ def _run_ipi_with_client(bundle: Path, nbeads: int, batch_size: int, client_args
 def _check_agreement(bundle, props, trajs):
     """Columns: step, conserved, potential, kinetic_md, bead_potentials[nbeads]."""
     assert len(props) == STEPS + 1
-    for b, (cells, pos) in enumerate(trajs):
-        direct = _evaluate_direct(bundle, cells, pos)
-        np.testing.assert_allclose(props[:, 4 + b], direct, rtol=1e-8, atol=0)
+    for b, (cells, pos, frc) in enumerate(trajs):
+        direct_e, direct_f = _evaluate_direct(bundle, cells, pos)
+        np.testing.assert_allclose(props[:, 4 + b], direct_e, rtol=1e-8, atol=0)
+        # the forces i-PI received, atom by atom, against the model's own (a client that scaled,
+        # permuted or sign-flipped forces could still keep a short NVE run's conserved energy flat)
+        assert np.abs(direct_f).max() > 1e-4  # not a trivially force-free configuration
+        np.testing.assert_allclose(frc, direct_f, rtol=1e-8, atol=1e-12 * np.abs(direct_f).max())
     # the cluster is moving: potential changes by far more than the conserved quantity drifts
     conserved, kinetic = props[:, 1], props[:, 3]
     assert np.ptp(kinetic) > 0
     assert np.ptp(conserved) < 0.01 * np.ptp(kinetic), (np.ptp(conserved), np.ptp(kinetic))
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_nve_energies_equal_direct_evaluation(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=1, batch_size=1, client_args=[])
     _check_agreement(lj_bundle, props, trajs)
     assert "EXIT from server" in err
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_pimd_8_beads_batched_one_model_call_per_step(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=8, batch_size=8, client_args=[])
     _check_agreement(lj_bundle, props, trajs)
@@ -113,7 +123,7 @@ def test_ipi_pimd_8_beads_batched_one_model_call_per_step(lj_bundle):
     assert m and int(m.group(1)) == 8 * int(m.group(2)), err
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_pimd_8_beads_unbatched_with_workers(lj_bundle):
     props, trajs, err = _run_ipi_with_client(lj_bundle, nbeads=8, batch_size=1, client_args=["--workers", "4"])
     _check_agreement(lj_bundle, props, trajs)
@@ -121,7 +131,7 @@ def test_ipi_pimd_8_beads_unbatched_with_workers(lj_bundle):
     assert m and int(m.group(1)) > int(m.group(2)), f"requests on the 4 connections were never evaluated together: {err}"
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_ipi_ffdirect_pes_module_batched(lj_bundle):
     import spkserve.ipi.pes as pes_module
 
@@ -157,8 +167,11 @@ def test_pes_module_batched_call_is_one_model_call(lj_bundle, tmp_path):
         single = pes(h, pos[b])
         assert single[0] == pytest.approx(batched[b][0], rel=1e-12)
         np.testing.assert_allclose(single[1], batched[b][1], rtol=1e-10, atol=1e-14)
-    direct = _evaluate_direct(lj_bundle, np.array([h.T] * 3), np.array(pos))
-    np.testing.assert_allclose([r[0] for r in batched], direct, rtol=1e-12)
+    direct_e, direct_f = _evaluate_direct(lj_bundle, np.array([h.T] * 3), np.array(pos))
+    np.testing.assert_allclose([r[0] for r in batched], direct_e, rtol=1e-12)
+    for b in range(3):  # the forces the PES hands i-PI (Hartree/Bohr) are the model's
+        np.testing.assert_allclose(np.reshape(batched[b][1], (N_ATOMS, 3)), direct_f[b], rtol=1e-10,
+                                   atol=1e-12 * np.abs(direct_f).max())
     with pytest.raises(ValueError, match="unknown spkserve PES parameter"):
         cls(bundle=str(lj_bundle), template=str(tmp_path / "t.xyz"), cutof=3)
 

@@ -22,7 +22,7 @@ from spkserve.ipi.server import IPIServer, IPIServerProvider, provider_from_conf
 from spkserve.provider import ForceProvider, ProviderError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ipi_peers import IPI_PY_DRIVER, stop  # noqa: E402
+from ipi_peers import IPI_PY_DRIVER, PROCESS_BOUND_S, stop, wait_for_drivers  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -345,6 +345,7 @@ def test_spkmd_integrates_with_forces_from_ase_socketclients(lj_bundle):
 
 
 @pytest.mark.peer
+@pytest.mark.timeout(3 * PROCESS_BOUND_S)
 def test_py_driver_with_spkserve_pes_module(lj_bundle, tmp_path):
     """`i-pi-py_driver -m custom -P spkserve/ipi/pes.py` answers with the bundle (periodic, with stress)."""
     from ase.build import bulk
@@ -361,18 +362,21 @@ def test_py_driver_with_spkserve_pes_module(lj_bundle, tmp_path):
         a = atoms.copy()
         a.positions += rng.normal(0, 0.1, a.positions.shape)
         structs.append(Structure.from_atoms(a))
-    with IPIServerProvider(unix=name, n_atoms=len(atoms), timeout_s=60) as prov:
+    with IPIServerProvider(unix=name, n_atoms=len(atoms), timeout_s=PROCESS_BOUND_S) as prov:
         driver = subprocess.Popen(
             [str(IPI_PY_DRIVER), "-u", "-a", name, "-m", "custom", "-P", pes_module.__file__,
              "-o", f"bundle={lj_bundle},template={tmp_path / 't.xyz'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
-            prov.server.wait_for_drivers(1, 60)
+            wait_for_drivers(prov.server, driver)  # until it connects (or dies); start-up may be slow
             out = prov.compute(structs, ("energy", "forces", "stress"))
         finally:
             prov.close()
-            _, err = driver.communicate(timeout=20)
+            try:  # EXIT was sent: ends when the driver exits; the bound is only a backstop
+                _, err = driver.communicate(timeout=PROCESS_BOUND_S)
+            finally:
+                stop(driver)
     assert driver.returncode == 0, err
     ref = ModelRunner(lj_bundle).compute(structs, ("energy", "forces", "stress"))
     for k in ("energy", "forces", "stress"):

@@ -15,7 +15,7 @@ from spkserve import units
 from spkserve.batch import Structure
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ipi_peers import VENV_BIN, stop  # noqa: E402
+from ipi_peers import PROCESS_BOUND_S, VENV_BIN, stop, wait_for_drivers  # noqa: E402
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
 
@@ -111,17 +111,20 @@ def test_fix_external_rejects_unknown_types_and_units(lj_bundle, tmp_path):
         run_lammps(lj_units, lj_bundle, ["Ar"], cmdargs=["-log", "none", "-screen", "none"])
 
 
+@pytest.mark.timeout(2 * PROCESS_BOUND_S)
 def test_spkserve_lammps_command(lj_bundle, tmp_path):
     _lammps()
     script, _ = _script(tmp_path, "metal", steps=3)
+    # ends when the command exits; the bound only stops a hung run (start-up is slow on a loaded machine)
     out = subprocess.run(
         [str(VENV_BIN / "spkserve"), "lammps", str(script), "--model", str(lj_bundle), "--types", "Ar", "--log", "none"],
-        capture_output=True, text=True, timeout=100, cwd=tmp_path,
+        capture_output=True, text=True, timeout=PROCESS_BOUND_S, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "4 force evaluations" in out.stderr
 
 
+@pytest.mark.timeout(2 * PROCESS_BOUND_S)
 def test_lammps_fix_ipi_drives_the_server_role(lj_bundle):
     """LAMMPS (lj/cut, shifted) as an i-PI driver == the LJ bundle evaluated directly."""
     _lammps()
@@ -156,7 +159,7 @@ def test_lammps_fix_ipi_drives_the_server_role(lj_bundle):
         a = atoms.copy()
         a.positions += rng.normal(0, 0.1, a.positions.shape)
         structs.append(Structure.from_atoms(a))
-    with IPIServerProvider(unix=name, n_atoms=len(atoms), timeout_s=60) as prov:
+    with IPIServerProvider(unix=name, n_atoms=len(atoms), timeout_s=PROCESS_BOUND_S) as prov:
         proc = subprocess.Popen(
             [str(VENV_BIN / "lmp"), "-log", "none", "-screen", "none"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
@@ -164,12 +167,12 @@ def test_lammps_fix_ipi_drives_the_server_role(lj_bundle):
         try:
             proc.stdin.write(script)
             proc.stdin.close()
-            prov.server.wait_for_drivers(1, 60)
+            wait_for_drivers(prov.server, proc)
             out = prov.compute(structs, ("energy", "forces", "stress"))
         finally:
             prov.close()  # EXIT: LAMMPS stops (with an error code, by design of fix ipi)
             try:
-                proc.wait(20)
+                proc.wait(PROCESS_BOUND_S)
             finally:
                 stop(proc)
     ref = ModelRunner(lj_bundle).compute(structs, ("energy", "forces", "stress"))

@@ -113,3 +113,45 @@ def test_calculator_compile_choice():
     assert not compile_choice("auto", None)
     with pytest.raises(ConfigError, match="calculator.compile must be true, false or auto"):
         compile_choice("yes please", 100)
+
+
+def _summary(output: str) -> str:
+    return next(ln for ln in output.splitlines() if ln.startswith("done: step"))
+
+
+def test_restart_of_a_finished_run_prints_the_same_summary(tmp_path):
+    """A finished run restarted with the same n_steps does no step and must report the state it
+    ended in (the thermostat's bath energy was missing: E_conserved off by its account)."""
+    d = tmp_path / "run"
+    r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics.n_steps=15", "dynamics/thermostat=langevin",
+               "dynamics.thermostat.time_constant=5", "seed=3", "plots=false")
+    assert r.exit_code == 0, r.output
+    first = _summary(r.output)
+    r = invoke(f"simulation_dir={d}", "dynamics.n_steps=15")
+    assert r.exit_code == 0, r.output
+    assert "restarting from" in r.output and _summary(r.output) == first
+    assert HDF5Loader(d / "simulation.hdf5").steps.tolist() == list(range(16))
+
+
+def test_start_temperature_and_ring_polymer_physical_temperature(tmp_path):
+    """Logged step-0 temperature equals the target (Langevin counts 3N dof: was 233 K for 300 K);
+    ring polymers show the physical temperature (bead temperature / P), not P·T."""
+    d = tmp_path / "lv"
+    r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics.n_steps=2", "seed=1", "plots=false")
+    assert r.exit_code == 0, r.output
+    log = HDF5Loader(d / "simulation.hdf5")
+    assert log.get_temperature(0)[0] == pytest.approx(300.0, rel=1e-10) and log.dof.tolist() == [27.0]
+    d = tmp_path / "rp"
+    r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics/integrator=rpmd", "dynamics/thermostat=pile_local",
+               "system.n_replicas=4", "dynamics.n_steps=200", "callbacks.progress.every_n_steps=100", "seed=2")
+    assert r.exit_code == 0, r.output
+    log = HDF5Loader(d / "simulation.hdf5")
+    assert log.temperature_estimator.startswith("ring-polymer")
+    T = log.get_temperature(0)  # mean over beads
+    assert T[0] == pytest.approx(300.0, rel=1e-10)  # started at P·T per bead = 300 K physical
+    assert 150.0 < float(T[100:].mean()) < 450.0  # 1200 K (P·T) before
+    line = [ln for ln in r.output.splitlines() if ln.startswith("step ")][-1]
+    t_shown = float(line.split("T_phys =")[1].split()[0])
+    assert t_shown == pytest.approx(float(T[-1]), abs=0.01)
+    assert "ring-polymer kinetic" in _summary(r.output)
+    assert (d / "plots" / "temperature.png").is_file()

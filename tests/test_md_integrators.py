@@ -174,8 +174,14 @@ def test_batched_molecules_and_replicas_match_separate_runs(lj_calc):
 
 
 def test_time_step_in_fs():
+    """Against constants that are not the implementation's: CODATA 2018 ħ/E_h = 2.4188843265857e-17 s
+    and ASE's fs and atomic time (independent of spkserve.units)."""
+    import ase.units
+
     vv = VelocityVerlet(0.5)
-    assert abs(vv.time_step - 0.5e-15 / units.AU_TIME_IN_S) < 1e-12
+    assert vv.time_step == pytest.approx(0.5e-15 / 2.4188843265857e-17, rel=1e-9)  # 20.6707 au
+    au_time_ase = ase.units._hbar / (ase.units.Hartree * ase.units._e)  # s
+    assert vv.time_step == pytest.approx(0.5 * 1e-15 / au_time_ase, rel=1e-7)
     assert abs(vv.time_step_fs - 0.5) < 1e-14
     with pytest.raises(ValueError, match="positive"):
         VelocityVerlet(0.0)
@@ -199,3 +205,27 @@ def test_remove_com_hook_books_energy_and_to_float32(lj_calc):
     assert s.positions.dtype == s.forces.dtype == s.momenta.dtype == torch.float32
     assert lj_calc.provider.dtype == torch.float32
     sim.to(dtype=torch.float64)  # the calculator is shared with other tests
+
+
+def test_harmonic_trajectory_against_the_analytic_solution_in_ase_units(tmp_path):
+    """A carbon atom in a trap k = 0.5 eV/Å² from x0 (v0 = 0): velocity Verlet's discrete orbit is known
+    in closed form, x_n = x0 cos(ω̃ n Δt) with cos(ω̃ Δt) = 1 − (ωΔt)²/2, ω = √(k/m). Computed here
+    in ASE's units (eV, Å, amu, ase.units.fs), independent of spkserve.units: a wrong time-step,
+    mass or force conversion, or a kick/drift in the wrong order, moves the phase."""
+    import ase
+    import ase.units
+
+    from spkmd.testing import trap_calculator
+
+    k, x0, dt_fs, n = 0.5, np.array([0.3, -0.2, 0.1]), 1.0, 800
+    s = System.from_atoms([ase.Atoms("C", positions=[x0])])
+    sim = Simulator(s, VelocityVerlet(dt_fs), trap_calculator(tmp_path, k_eV_per_A2=k), seed=0)
+    sim.simulate(n)
+    m = ase.data.atomic_masses[6]  # amu
+    w_dt = np.sqrt(k / m) * dt_fs * ase.units.fs  # ω Δt, dimensionless
+    w_tilde_dt = np.arccos(1.0 - 0.5 * w_dt**2)
+    x_expected = x0 * np.cos(w_tilde_dt * n)
+    x = s.positions[0, 0].numpy() * units.factor("Bohr", "Angstrom")
+    np.testing.assert_allclose(x, x_expected, rtol=0, atol=1e-8)
+    # ~2.6 periods: the orbit moved far from a trivially static or wrong-phase one
+    assert n * w_dt / (2 * np.pi) > 2.0 and abs(np.cos(w_dt * n) - np.cos(w_tilde_dt * n)) < 1e-2

@@ -158,3 +158,103 @@ def test_ir_spectrum_peak_of_oscillating_dipole():
     FakeLog.available = []
     with pytest.raises(KeyError, match="dipole_moment"):
         ir_spectrum(FakeLog())
+
+
+_KILLED_RUN = r"""
+import sys, time, pathlib
+import torch
+from spkmd.hooks import FileLogger, Hook
+from spkmd.initializers import MaxwellBoltzmann
+from spkmd.integrators import VelocityVerlet
+from spkmd.simulator import Simulator
+from spkmd.system import System
+from spkmd.testing import argon_cluster, lj_argon_calculator
+
+torch.set_num_threads(1)
+out = pathlib.Path(sys.argv[1])
+calc = lj_argon_calculator(out, cutoff_angstrom=8.0)
+s = System.from_atoms([argon_cluster(seed=0)])
+MaxwellBoltzmann(50.0)(s, torch.Generator().manual_seed(0))
+
+
+class Stall(Hook):  # after the logger's flush at step 8: tell the test, then wait to be killed
+    def on_step_finalize(self, sim):
+        if sim.step == 8:
+            (out / "flushed").write_text("8")
+            time.sleep(600)
+
+
+Simulator(s, VelocityVerlet(5.0), calc, hooks=[FileLogger(out / "log.hdf5", buffer_size=3), Stall()]).simulate(20)
+"""
+
+
+def _wait_for(path, proc, what, timeout_s=300.0):
+    """Event-driven wait (generous bound for a loaded machine): until ``path`` exists."""
+    import time
+
+    t_end = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the child exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        if time.monotonic() > t_end:
+            proc.kill()
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def test_log_of_a_sigkilled_run_opens_in_any_hdf5_reader(tmp_path):
+    """SIGKILL (no hook runs) between flushes: plain h5py (not SWMR) opens the log, with every
+    flushed entry. With the file held open in SWMR mode it failed until `h5clear`."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "flushed", proc, "flush at step 8")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with h5py.File(tmp_path / "log.hdf5", "r") as f:  # any reader, no SWMR, no h5clear
+        assert int(f.attrs["entries"]) == 9
+        assert f["properties/step"][:].tolist() == list(range(9))
+    assert HDF5Loader(tmp_path / "log.hdf5").steps.tolist() == list(range(9))
+
+
+_KILLED_IN_FLUSH = r"""
+import sys, time, pathlib
+from spkmd.hooks import FileLogger
+log = FileLogger(sys.argv[1])
+f = log._open_for_writing()  # what a flush holds for a few milliseconds
+pathlib.Path(sys.argv[2]).write_text("open")
+time.sleep(600)
+"""
+
+
+def test_kill_during_a_flush_loader_reads_and_restart_clears_the_flag(calc, tmp_path):
+    """The one window left: killed inside a flush. HDF5Loader still reads the log, and the restart
+    (logger reopened from a checkpoint) rewrites it so that plain readers open it again."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "log.hdf5"
+    sim, log = make_sim(calc, path, buffer_size=2)
+    sim.simulate(5)
+    state = sim.state_dict()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_IN_FLUSH, str(path), str(tmp_path / "open")],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "open", proc, "the SWMR write open")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with pytest.raises(OSError, match="open for write"):
+        h5py.File(path, "r")
+    assert HDF5Loader(path).steps.tolist() == list(range(6))
+    sim2, log2 = make_sim(calc, path, buffer_size=2)
+    sim2.load_state_dict(state)
+    sim2.simulate(2)
+    with h5py.File(path, "r") as f:
+        assert f["properties/step"][:].tolist() == list(range(8))

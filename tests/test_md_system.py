@@ -86,12 +86,49 @@ def test_com_removal_and_dof(init):
 
 
 def test_maxwell_boltzmann_distribution():
-    # many atoms, no rescaling: <p²/m> per component = kT
-    mols = [ase.Atoms("Ar")] * 2000
-    s = System.from_atoms(mols)
-    MaxwellBoltzmann(400.0, remove_translation=False, rescale=False)(s, torch.Generator().manual_seed(0))
-    T = float(s.temperature().mean())
-    assert abs(T - 400.0) / 400.0 < 0.03
+    """The whole distribution, not only its mean: without rescaling every Cartesian momentum
+    component divided by √(m k_B T) is standard normal (Kolmogorov–Smirnov, for light and heavy
+    atoms separately: a mass-blind width fails), and the kinetic energy of each 4-atom molecule
+    follows k_B T/2 · χ²(12). A uniform or mean-matched wrong shape fails the KS tests."""
+    from scipy import stats
+
+    T_K = 400.0
+    mols = [ase.Atoms("ArH2O", positions=np.eye(4, 3))] * 300  # 4 atoms, masses 40 / 1 / 1 / 16
+    s = System.from_atoms(mols, n_replicas=2)
+    MaxwellBoltzmann(T_K, remove_translation=False, rescale=False)(s, torch.Generator().manual_seed(0))
+    kT = T_K * units.KB_HARTREE_PER_K
+    x = (s.momenta / torch.sqrt(s.masses3 * kT)).numpy()  # [R, N, 3]
+    z = s.atomic_numbers.numpy()
+    for element in (18, 1, 8):
+        assert stats.kstest(x[:, z == element].ravel(), "norm").pvalue > 1e-3, element
+    ke = (s.kinetic_energy() / (0.5 * kT)).numpy().ravel()  # [R·M] ~ χ²(12)
+    assert stats.kstest(ke, stats.chi2(df=12).cdf).pvalue > 1e-3
+    # a wrong shape with the right mean: uniform momenta rescaled to T fail the same test
+    Uniform(T_K, remove_translation=False, rescale=True)(s, torch.Generator().manual_seed(0))
+    xu = (s.momenta / torch.sqrt(s.masses3 * kT)).numpy().ravel()
+    assert stats.kstest(xu, "norm").pvalue < 1e-6
+
+
+@pytest.mark.parametrize("com_thermalised", [False, True])
+def test_rescaled_start_is_at_the_target_in_the_counted_dof(com_thermalised):
+    """With COM translation and rotation removed the temperature counts 3N - 6 dof; under a per-atom
+    thermostat (com_thermalised) the COM modes are kept and 3N are counted. Either way the start is
+    exactly at the target in the dof that the run reports (it was 300·21/27 = 233 K for ethanol)."""
+    s = System.from_atoms([ase.build.molecule("CH3CH2OH")] * 3, n_replicas=2)
+    MaxwellBoltzmann(300.0, remove_translation=True, remove_rotation=True)(
+        s, torch.Generator().manual_seed(2), com_thermalised=com_thermalised)
+    assert s.dof.tolist() == [27.0 if com_thermalised else 21.0] * 3
+    torch.testing.assert_close(s.temperature(), torch.full((2, 3), 300.0, dtype=torch.float64))
+    p_com = s.sum_molecules(s.momenta)
+    assert (float(p_com.abs().max()) > 1e-6) == com_thermalised
+
+
+def test_ring_polymer_start_draws_at_the_bead_temperature():
+    s = System.from_atoms([ase.build.molecule("H2O")] * 2, n_replicas=4)
+    MaxwellBoltzmann(300.0)(s, torch.Generator().manual_seed(0), temperature_factor=4.0)
+    torch.testing.assert_close(s.temperature(), torch.full((4, 2), 1200.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="temperature_factor"):
+        MaxwellBoltzmann(300.0)(s, temperature_factor=0.0)
 
 
 def test_pressure_ideal_gas():

@@ -179,3 +179,23 @@ def test_mean_temperature_after_com_removal(trap, name):
         sim.simulate(4)
         Ts.append(float(s.temperature().mean()))
     assert abs(np.mean(Ts) - T0) / T0 < 0.05, np.mean(Ts)
+
+
+def test_shipped_gle_matrix_loads_and_prose_comments_are_not_headers(tmp_path):
+    """configs/md/gle/memory_100fs.dat: its third line is prose that mentions "C matrix" in
+    parentheses; it was read as a C-section header with unit "no C matrix given" and the file failed."""
+    from spkmd.factory import config_root
+
+    A, C = read_gle_matrices(config_root() / "gle" / "memory_100fs.dat")
+    fs = units.factor("fs", "au_time")
+    np.testing.assert_allclose(A, np.array([[0.0, 1.0], [-1.0, 1.0]]) / (100.0 * fs), rtol=1e-12)
+    assert C is None
+    f = tmp_path / "prose.dat"
+    f.write_text("# a D matrix (or C matrix) may follow; this one has none\n# A MATRIX: (femtoseconds^-1)\n"
+                 "0 0.01\n-0.01 0.01\n# C MATRIX: (K)\n300 0\n0 300\n")
+    A2, C2 = read_gle_matrices(f)
+    np.testing.assert_allclose(A2, A, rtol=1e-12)
+    np.testing.assert_allclose(C2, 300.0 * units.KB_HARTREE_PER_K * np.eye(2), rtol=1e-12)
+    f.write_text("# A MATRIX: (parsecs^-1)\n0 1\n-1 1\n")
+    with pytest.raises(ThermostatError, match="unknown unit 'parsecs"):
+        read_gle_matrices(f)

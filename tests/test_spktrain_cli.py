@@ -13,9 +13,10 @@ from click.testing import CliRunner  # noqa: E402
 
 from training.cli import main  # noqa: E402
 
-ETHANOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "xtb" / "ethanol_gfn2xtb_500K.extxyz"
-if not ETHANOL.exists():
-    ETHANOL = Path("/work/shared/data/xtb/ethanol_gfn2xtb_500K.extxyz")
+from testdata import data_file  # noqa: E402
+
+# the first 240 frames of the shared ethanol xTB set, shipped in tests/data (never skips)
+ETHANOL = data_file("xtb/ethanol_gfn2xtb_500K.extxyz")
 
 TINY = [
     "model.params.representation.params.n_atom_basis=16",
@@ -84,7 +85,6 @@ def test_missing_datapath_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.skipif(not ETHANOL.exists(), reason="shared ethanol xTB data set not found")
 def test_train_export_eval_round_trip(tmp_path, monkeypatch):
     from ase.io import read, write
 
@@ -104,7 +104,7 @@ def test_train_export_eval_round_trip(tmp_path, monkeypatch):
     meta = read_metadata(tmp_path / "m.bundle")
     assert meta["outputs"]["energy"]["unit"] == "eV" and meta["dtype"] == "float32"
 
-    png = tmp_path / "parity.png"
+    png = tmp_path / "test_parity.png"
     res = _invoke("eval", str(tmp_path / "m.bundle"), str(run / "data" / "eth.db"), "--split",
                   str(run / "split.npz"), "--plot", str(png))
     assert res.exit_code == 0, res.output
@@ -118,6 +118,12 @@ def test_train_export_eval_round_trip(tmp_path, monkeypatch):
     res = _invoke("eval", str(tmp_path / "m.bundle"), str(tmp_path / "eth.extxyz"), "--plot", str(tmp_path / "all.png"))
     assert res.exit_code == 0, res.output
     assert "40 systems" in res.output and (tmp_path / "all.png").exists()
+    # without --plot nothing is written (it used to drop parity.png into the working directory)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = _invoke("eval", str(tmp_path / "m.bundle"), str(tmp_path / "eth.extxyz"))
+    assert res.exit_code == 0, res.output
+    assert "40 systems" in res.output and "parity plot" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "parity.png").exists()
 
     # resume a finished run for more epochs
     res = _invoke("resume", str(run), "trainer.max_epochs=3")

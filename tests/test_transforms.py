@@ -27,11 +27,13 @@ from training.data import (
     collate_atoms,
 )
 
+from testdata import data_file  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-WATER = DATA / "xtb" / "water16_pbc_gfn1xtb_300K.extxyz"
-ETHANOL = DATA / "xtb" / "ethanol_gfn2xtb_500K.extxyz"
+# the small set shipped in tests/data (leading frames of ../shared/data; see tests/testdata.py)
+WATER = data_file("xtb/water16_pbc_gfn1xtb_300K.extxyz")
+ETHANOL = data_file("xtb/ethanol_gfn2xtb_500K.extxyz")
 
 
 def need(path: Path) -> Path:

@@ -119,13 +119,13 @@ def export(run_dir: str, output: str, checkpoint: str, dtype: str) -> None:
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="split.npz of a run: evaluate only its --subset.")
 @click.option("--subset", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="parity.png", show_default=True,
-              help="Parity plot PNG to write.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a parity plot PNG to this path (none without it).")
 @click.option("--batch-size", type=int, default=50, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="Evaluate in this dtype.")
-def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_path: str, batch_size: int,
+def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_path: str | None, batch_size: int,
              dtype: str | None) -> None:
-    """Print MAE/RMSE of BUNDLE on DATA (in the bundle's units) and write a parity plot."""
+    """Print MAE/RMSE of BUNDLE on DATA (in the bundle's units); with --plot, write a parity plot."""
     from spkserve.bundle import BundleError
     from training.evaluate import EvaluationError, evaluate_bundle, format_metrics, parity_plot
 
@@ -134,8 +134,9 @@ def eval_cmd(bundle: str, data: str, split_file: str | None, subset: str, plot_p
     except (EvaluationError, BundleError, FileNotFoundError) as err:
         _fail(err)
     click.echo(format_metrics(result))
-    parity_plot(result, plot_path)
-    click.echo(f"parity plot: {plot_path}")
+    if plot_path is not None:
+        parity_plot(result, plot_path)
+        click.echo(f"parity plot: {plot_path}")
 
 
 #: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`

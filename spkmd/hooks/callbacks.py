@@ -115,6 +115,9 @@ class Checkpoint(Hook):
 class ProgressBar(Hook):
     """Show steps, steps/s, mean temperature and energies every ``every_n_steps``.
 
+    The temperature is the integrator's physical estimate (``T_phys`` for ring polymers: the
+    bead temperature / P, not the P·T the beads move at).
+
     Uses a rich progress bar on a terminal and plain lines otherwise.
     """
 
@@ -143,11 +146,12 @@ class ProgressBar(Hook):
         s = simulator.system
         elapsed = time.perf_counter() - self._t0
         rate = (simulator.step - self._step0) / elapsed if elapsed > 0 else math.nan
-        T = float(s.temperature().mean())
+        T = float(simulator.temperature().mean())
+        t_name = "T_phys" if simulator.integrator.temperature_estimator != "kinetic" else "T"
         to_eV = units.factor("Hartree", "eV")
         epot = float(s.energy.mean()) * to_eV
         econs = float(simulator.conserved_energy().mean()) * to_eV
-        return f"{rate:8.1f} steps/s  T = {T:8.2f} K  E_pot = {epot:.6f} eV  E_cons = {econs:.6f} eV"
+        return f"{rate:8.1f} steps/s  {t_name} = {T:8.2f} K  E_pot = {epot:.6f} eV  E_cons = {econs:.6f} eV"
 
     def on_step_finalize(self, simulator) -> None:
         if simulator.step % self.every_n_steps:

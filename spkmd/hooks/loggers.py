@@ -10,7 +10,8 @@ R replicas, M molecules, N atoms)::
     /properties/time            [T]          fs
     /properties/energy          [T, R, M]    eV   (potential energy)
     /properties/kinetic_energy  [T, R, M]    eV
-    /properties/temperature     [T, R, M]    K
+    /properties/temperature     [T, R, M]    K    (physical: the integrator's estimator, named in
+                                             the ``estimator`` attribute; ring polymers: bead T / P)
     /properties/conserved_energy[T, R, M]    eV
     /properties/bath_energy     [T, R, M]    eV   (thermostat/barostat account)
     /properties/pressure        [T, R, M]    bar  (when the calculator gives stress)
@@ -22,10 +23,17 @@ R replicas, M molecules, N atoms)::
 
 Every dataset is resizable; the root attribute ``entries`` says how many rows are
 complete. Entries are buffered in memory and written every ``buffer_size`` logged
-steps, at checkpoints and on any exit (including errors). The file is written in
-HDF5 SWMR mode, so a run killed at any moment leaves it readable up to its last
-flush, and it can be read while the run goes on. On restart from a checkpoint the
-datasets are cut back to the checkpoint's entry count and continue from there.
+steps, at checkpoints and on any exit (including errors).
+
+Crash safety: the file is open only while a flush writes it (opened, switched to
+HDF5 SWMR mode, written, closed). Between flushes it is a closed, consistent HDF5
+file, so a run killed at any moment, SIGKILL included, leaves a log that every HDF5
+reader opens (plain ``h5py.File(path, "r")``, h5dump, ...) up to its last flush. Only a
+kill during a flush itself (milliseconds) can leave the "open for writing" flag set;
+:class:`~spkmd.data.HDF5Loader` still reads such a file (SWMR read), and a restart
+rewrites it without the flag (the same as ``h5clear -s``). The log can be read while
+the run goes on. On restart from a checkpoint the datasets are cut back to the
+checkpoint's entry count and continue from there.
 """
 
 from __future__ import annotations
@@ -99,7 +107,8 @@ class FileLogger(Hook):
         self.streams = {"positions": positions, "velocities": velocities, "forces": forces}
         self.extra = properties
         self.mol_dtype = np.float64 if float64 else np.float32
-        self.file = None
+        #: True between on_simulation_start and close() (the file itself is open only in flush())
+        self.file_ready = False
         self.entries = 0
         self._restored_entries: int | None = None
         self._n_buf = 0
@@ -111,7 +120,7 @@ class FileLogger(Hook):
         vals = {
             "energy": s.energy,
             "kinetic_energy": ke,
-            "temperature": 2.0 * ke / (s.dof * units.KB_HARTREE_PER_K),
+            "temperature": simulator.temperature(),  # the integrator's estimator (ring polymers: / P)
             "conserved_energy": simulator.conserved_energy(),
             "bath_energy": simulator.bath_energy(),
         }
@@ -157,14 +166,24 @@ class FileLogger(Hook):
             shp = tuple(v.shape)
             d = gp.create_dataset(name, shape=(0,) + shp, maxshape=(None,) + shp, dtype=np.float64, chunks=(chunk,) + shp)
             d.attrs["unit"] = _file_unit(name)[1]
+            if name == "temperature":
+                d.attrs["estimator"] = simulator.integrator.temperature_estimator
         for name, v in mol.items():
             shp = tuple(v.shape)
             d = gm.create_dataset(name, shape=(0,) + shp, maxshape=(None,) + shp, dtype=self.mol_dtype,
                                   chunks=(max(1, min(chunk, 2**20 // max(1, v.numel()))),) + shp)
             d.attrs["unit"] = _file_unit(name)[1]
-        f.swmr_mode = True
-        self.file = f
+        f.close()
+        self.file_ready = True
         self.entries = 0
+
+    def _open_for_writing(self):
+        """Open the log for one write, in SWMR mode (readers may be reading it meanwhile)."""
+        import h5py
+
+        f = h5py.File(self.path, "a", libver="latest", locking=False)
+        f.swmr_mode = True
+        return f
 
     def _reopen(self, entries: int) -> None:
         import h5py
@@ -172,22 +191,21 @@ class FileLogger(Hook):
         if not self.path.is_file():
             raise FileNotFoundError(f"log file {str(self.path)!r} to continue from the checkpoint is missing")
         try:
-            f = h5py.File(self.path, "a", libver="latest")
+            f = h5py.File(self.path, "a", libver="latest", locking=False)
         except OSError:
-            # a killed SWMR writer leaves the file marked "open for writing"; readers still
-            # work, so rewrite it (temp file + rename) and open the copy
+            # a writer killed during a flush leaves the file marked "open for writing"; SWMR
+            # readers still work, so rewrite it without the flag (temp file + rename)
             self._rewrite_after_crash()
-            f = h5py.File(self.path, "a", libver="latest")
-        have = int(f.attrs["entries"])
-        if have < entries:
-            f.close()
-            raise RuntimeError(f"log file {self.path} holds {have} entries, the checkpoint expects {entries}")
-        for group in ("properties", "molecules"):
-            for d in f[group].values():
-                d.resize(entries, axis=0)
-        f.attrs["entries"] = entries
-        f.swmr_mode = True
-        self.file = f
+            f = h5py.File(self.path, "a", libver="latest", locking=False)
+        with f:
+            have = int(f.attrs["entries"])
+            if have < entries:
+                raise RuntimeError(f"log file {self.path} holds {have} entries, the checkpoint expects {entries}")
+            for group in ("properties", "molecules"):
+                for d in f[group].values():
+                    d.resize(entries, axis=0)
+            f.attrs["entries"] = entries
+        self.file_ready = True
         self.entries = entries
 
     def _rewrite_after_crash(self) -> None:
@@ -218,7 +236,7 @@ class FileLogger(Hook):
         self._n_buf = 0
 
     def on_simulation_start(self, simulator) -> None:
-        if self.file is None:
+        if not self.file_ready:
             if self._restored_entries is not None:
                 self._reopen(self._restored_entries)
                 self._restored_entries = None
@@ -248,23 +266,22 @@ class FileLogger(Hook):
     def flush(self) -> None:
         """Write the buffered entries and update ``entries``."""
         n = self._n_buf
-        if self.file is None or n == 0:
+        if not self.file_ready or n == 0:
             return
-        f = self.file
         new = self.entries + n
-        for k, buf in self._buf.items():
-            d = f[self._group[k]][k]
-            d.resize(new, axis=0)
-            fac = _file_unit(k)[0]
-            arr = buf[:n].detach().cpu().double().numpy()
-            d[self.entries : new] = arr * fac if fac != 1.0 else arr
-        for k, arr in (("step", self._steps), ("time", self._times)):
-            d = f["properties"][k]
-            d.resize(new, axis=0)
-            d[self.entries : new] = arr[:n]
+        with self._open_for_writing() as f:  # closed again at once: no flag stays set on disk
+            for k, buf in self._buf.items():
+                d = f[self._group[k]][k]
+                d.resize(new, axis=0)
+                fac = _file_unit(k)[0]
+                arr = buf[:n].detach().cpu().double().numpy()
+                d[self.entries : new] = arr * fac if fac != 1.0 else arr
+            for k, arr in (("step", self._steps), ("time", self._times)):
+                d = f["properties"][k]
+                d.resize(new, axis=0)
+                d[self.entries : new] = arr[:n]
+            f.attrs["entries"] = new
         self.entries = new
-        f.attrs["entries"] = new
-        f.flush()
         self._n_buf = 0
 
     def on_step_failed(self, simulator, error) -> None:
@@ -274,17 +291,16 @@ class FileLogger(Hook):
         self.close()
 
     def close(self) -> None:
-        if self.file is not None:
+        if self.file_ready:
             self.flush()
-            self.file.close()
-            self.file = None
+            self.file_ready = False
             self._restored_entries = self.entries  # a later simulate() call appends
 
     def state_dict(self) -> dict:
         return {"entries": self.entries + self._n_buf}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.file is not None:
+        if self.file_ready:
             raise RuntimeError("load the checkpoint before the logger's file is opened")
         self._restored_entries = int(state["entries"])
 
@@ -312,7 +328,7 @@ class TensorBoardLogger(Hook):
             return
         s = simulator.system
         to_eV = units.factor("Hartree", "eV")
-        T = s.temperature().mean(0)
+        T = simulator.temperature().mean(0)
         E = s.energy.mean(0) * to_eV
         C = simulator.conserved_energy().mean(0) * to_eV
         for m in range(s.n_molecules):

@@ -115,6 +115,14 @@ class RingPolymerIntegrator(VelocityVerlet):
         props.update(estimate(system, self.temperature_K))
         system.properties = props
 
+    #: the beads move at P·T; their kinetic temperature divided by P estimates T (i-PI's "temperature")
+    temperature_estimator = "ring-polymer kinetic (bead temperature / P)"
+
+    def kinetic_temperature_factor(self, system: System) -> float:
+        """P: the beads move at P·T, so :meth:`temperature` (each bead's kinetic temperature
+        2 K_j / (dof k_B) divided by P) averages to the physical T."""
+        return float(system.n_replicas)
+
     def energy_contribution(self, system: System) -> torch.Tensor:
         """Spring energy ½ m ω_P² |q_j − q_{j+1}|² of bead j, per molecule, Hartree.  [P, M]
 
