@@ -483,13 +483,24 @@ class MTKAnisotropic(Barostat):
 
 
 class StochasticCellRescaling(Barostat):
-    """Bernetti–Bussi stochastic cell rescaling (isotropic), one update per step in the drift::
+    """Bernetti–Bussi stochastic cell rescaling (isotropic), one update per step in the drift.
 
-        dε = −(β_T/τ_p)(P_ext − P_inst − k_BT/V) dt + sqrt(2 k_BT β_T/(V τ_p)) dW,   ε = ln V
+    The volume moves by overdamped Langevin dynamics in λ = √V, where the noise is additive::
 
-    then centroid positions and cell scale by e^{dε/3}, centroid momenta by e^{−dε/3}.
-    Energy accounting: the kinetic change exactly, the potential change to first order
-    in dε from the virial, so KE + PE + bath is conserved up to O(dε²) per step.
+        dλ = (D/k_BT) f dt + √(2D dt) ξ,   D = k_BT β_T/(4τ_p),
+        f  = −2λ (P_ext − P_inst − k_BT/(2V))
+
+    (P_inst with the centroid kinetic energy), which samples p(V) ∝ exp(−(H + P_ext V)/k_BT)
+    with momenta scaled as 1/s. The step is the time-reversible, volume-preserving
+    "Trotter" form of Bernetti & Bussi: with s = (λ'/λ)^{2/3}::
+
+        q' = s q + ½(s + 1/s) (p/m) dt,   p' = p/s,   h' = s h
+
+    Effective energy (the conserved quantity): H + P_ext V + Σ_steps w, where
+    w = ½ Δλ (f + f') − ¼ (D/k_BT) dt (f² − f'²) + k_BT ln(λ/λ') is the log-ratio of the
+    backward and forward step probabilities (times k_BT), with f before and f' after
+    the step (f' needs the new forces, so it is added at the end of the step). Its drift
+    vanishes as dt → 0, it is zero on average for an exact integrator.
 
     Args:
         pressure_bar, temperature_K: targets.
@@ -503,30 +514,57 @@ class StochasticCellRescaling(Barostat):
                  compressibility_per_bar: float = 4.5e-5) -> None:
         super().__init__(pressure_bar, temperature_K, time_constant_fs)
         self.compressibility = _positive("compressibility_per_bar", compressibility_per_bar) * units.factor("1/bar", "Bohr^3/Hartree")
+        self.diffusion = self.kT * self.compressibility / (4.0 * self.time_constant)  # D of λ = √V, Bohr³/au_time
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (Δλ, Σ m v̄² after the drift)
+
+    def _force(self, lam: torch.Tensor, press: torch.Tensor) -> torch.Tensor:
+        """f = −2λ (P_ext − P_inst − k_BT/(2V)) per molecule.  [M]"""
+        return -2.0 * lam * (self.pressure - press - 0.5 * self.kT / (lam * lam))
+
+    def _work(self, d_lam: torch.Tensor, f: torch.Tensor, sign: float) -> torch.Tensor:
+        """Half of w: ½ Δλ f ∓ ¼ (D/k_BT) dt f² (``sign`` −1 before, +1 after the step)."""
+        return 0.5 * d_lam * f + sign * 0.25 * (self.diffusion / self.kT) * self.time_step * f * f
 
     def drift_centroid(self, system, q, p, cells, dt):
         V = self.volume(system)  # [M]
-        Pi = self.pressure_tensor(system)
-        press = torch.diagonal(Pi, dim1=-2, dim2=-1).sum(-1) / 3.0
-        twice_k = self.centroid_twice_ke(system)
-        b = self.compressibility / self.time_constant
+        lam = torch.sqrt(V)
+        press = torch.diagonal(self.pressure_tensor(system), dim1=-2, dim2=-1).sum(-1) / 3.0
+        f = self._force(lam, press)
         noise = self.normal(V.shape, system)
-        d_eps = -b * (self.pressure - press - self.kT / V) * dt + torch.sqrt(2.0 * self.kT * b * dt / V) * noise
-        s = torch.exp(d_eps / 3.0)  # [M]
+        d_lam = (self.diffusion / self.kT) * f * dt + math.sqrt(2.0 * self.diffusion * dt) * noise
+        new_lam = lam + d_lam
+        if not bool((new_lam > 0).all()):
+            bad = (new_lam <= 0).nonzero().flatten().tolist()
+            raise BarostatError(
+                f"stochastic cell rescaling collapsed the cell of molecules {bad[:10]} in one step; "
+                "use a larger time_constant_fs or a smaller compressibility_per_bar"
+            )
+        s = (new_lam / lam) ** (2.0 / 3.0)  # linear scale factor, s³ = V'/V  [M]
         sa = s[system.molecule_index].view(-1, 1)
-        # free drift then rescale
         m = system.masses.view(-1, 1)
-        q_new = (q + dt * p / m) * sa
+        q_new = sa * q + 0.5 * (sa + 1.0 / sa) * (p / m) * dt
         p_new = p / sa
-        # energy accounting: ΔKE of the centroid (exact) + ΔU ≈ −3V P_vir (s − 1) (first order)
-        p_vir = press - twice_k / (3.0 * V)
-        ke_change = 0.5 * twice_k * (1.0 / (s * s) - 1.0)
-        du = -3.0 * V * p_vir * (s - 1.0)
-        self.exchanged = self.exchanged - (ke_change + du)
+        self.exchanged = self.exchanged + self._work(d_lam, f, -1.0) + self.kT * torch.log(lam)
+        twice_k_after = system.sum_molecules((p_new * p_new / m).sum(-1).unsqueeze(0))[0]
+        self._pending = (d_lam, twice_k_after)
         return q_new, p_new, cells * s.view(-1, 1, 1)
 
+    def half_step_end(self, system: System) -> None:
+        """Second half of the step's work term, with the forces at the new cell."""
+        if self._pending is None:
+            return
+        d_lam, twice_k_after = self._pending
+        self._pending = None
+        V = self.volume(system)
+        lam = torch.sqrt(V)
+        press_now = torch.diagonal(self.pressure_tensor(system), dim1=-2, dim2=-1).sum(-1) / 3.0
+        # the pressure right after the drift: virial at the new positions, kinetic part before the kick
+        press = press_now + (twice_k_after - self.centroid_twice_ke(system)) / (3.0 * V)
+        f = self._force(lam, press)
+        self.exchanged = self.exchanged + self._work(d_lam, f, 1.0) - self.kT * torch.log(lam)
+
     def extended_energy(self, system: System) -> torch.Tensor:
-        return torch.zeros_like(self.exchanged)
+        return self.pressure * self.volume(system)
 
 
 BAROSTATS = {

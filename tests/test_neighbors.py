@@ -392,11 +392,17 @@ def test_skin_list_rebuild_triggers() -> None:
     moved[0, 0] += 0.02
     nl(moved, cell, pbc, n)
     assert nl.n_builds == 2 and nl.last_reason == "atom moved more than skin/2"
-    # cell change (strain) -> rebuild, and pairs right for the new cell
+    # small strain within the skin (positions scaled with the cell) -> no rebuild, pairs right
     strained = cell * 1.01
-    pairs = nl(moved, strained, pbc, n)
-    assert nl.n_builds == 3 and nl.last_reason == "cell changed"
-    assert _within(pairs, moved, strained[0], 3.0) == _fresh(moved, strained[0], pbc[0], 3.0)
+    pairs = nl(moved * 1.01, strained, pbc, n)
+    assert nl.n_builds == 2
+    assert _within(pairs, moved * 1.01, strained[0], 3.0) == _fresh(moved * 1.01, strained[0], pbc[0], 3.0)
+    # compression beyond the skin ((3 + 1) * 0.74 < 3) -> rebuild, and pairs right for the new cell
+    strained = cell * 0.74
+    pairs = nl(moved * 0.74, strained, pbc, n)
+    assert nl.n_builds == 3 and nl.last_reason == "cell strain larger than the skin allows"
+    assert _within(pairs, moved * 0.74, strained[0], 3.0) == _fresh(moved * 0.74, strained[0], pbc[0], 3.0)
+    moved = moved * 0.74
     # dtype change -> rebuild
     nl(moved.float(), strained.float(), pbc, n)
     assert nl.n_builds == 4 and nl.last_reason == "dtype or device changed"
@@ -406,7 +412,7 @@ def test_skin_list_rebuild_triggers() -> None:
     assert nl.n_builds == 5 and nl.last_reason == "atoms per system changed"
     nl(moved, torch.cat([strained, strained]), torch.cat([pbc, ~pbc]), torch.tensor([20, 28]))
     assert nl.n_builds == 6 and nl.last_reason == "pbc changed"
-    assert nl.stats()["n_calls"] == 7
+    assert nl.stats()["n_calls"] == 8
 
 
 def test_skin_list_rebuilds_after_wrapping() -> None:

@@ -8,6 +8,16 @@ MD engines do not wrap positions between builds, and if a caller does wrap an
 atom, its jump is a whole cell vector, larger than skin/2, so the list is
 rebuilt and the shifts stay right.
 
+When the cell changes (NPT), displacements are measured against the affinely
+deformed reference: with F = h₀⁻¹h (lattice vectors as rows, r = s·h) and the
+non-affine displacement u = r − r₀·F, a pair vector is d = d₀·F + (u_j − u_i), so
+|d| ≥ σ_min(F)|d₀| − 2 max|u|. Every pair now inside ``cutoff`` was inside
+``cutoff + skin`` at the build as long as, per system,
+2 max|u| ≤ (cutoff + skin) σ_min(F) − cutoff (for F = 1 this is max|u| ≤ skin/2).
+This holds for every periodic image, so a deforming cell rebuilds only when the strain
+and the displacements together use up the skin. Systems that are not periodic in all
+three directions rebuild whenever their cell changes.
+
 The list returns pairs up to ``cutoff + skin``; models mask pairs beyond their
 cutoff (contract in :mod:`spkserve.keys`), so nothing is filtered here.
 """
@@ -67,12 +77,34 @@ class SkinNeighborList:
             return "atoms per system changed"
         if not torch.equal(pbc, self._ref_pbc):
             return "pbc changed"
-        if not torch.equal(cell, self._ref_cell):
-            return "cell changed"
-        if positions.shape[0] > 0:
+        if positions.shape[0] == 0:
+            return None
+        if torch.equal(cell, self._ref_cell):
             disp2 = ((positions - ref) ** 2).sum(dim=1).max()
             if float(disp2) > (0.5 * self.skin) ** 2:
                 return "atom moved more than skin/2"
+            return None
+        return self._strained_reason(positions, cell, pbc, n_atoms)
+
+    def _strained_reason(self, positions, cell, pbc, n_atoms) -> str | None:
+        """Rebuild test for a changed cell (see the module docstring)."""
+        changed = (cell != self._ref_cell).flatten(1).any(1)  # [S]
+        if bool((changed & ~pbc.all(1)).any()):
+            return "cell changed (system not fully periodic)"
+        h0, h = self._ref_cell.double(), cell.double()
+        F = torch.linalg.solve(h0[changed], h[changed])  # h0 F = h  [C, 3, 3]
+        strain = torch.eye(3, dtype=torch.float64, device=F.device).expand(len(n_atoms), 3, 3).clone()
+        strain[changed] = F
+        margin = torch.full((len(n_atoms),), self.skin, dtype=torch.float64, device=F.device)
+        margin[changed] = (self.cutoff + self.skin) * torch.linalg.svdvals(F)[:, -1] - self.cutoff
+        if bool((margin <= 0).any()):
+            return "cell strain larger than the skin allows"
+        system = torch.repeat_interleave(torch.arange(len(n_atoms), device=n_atoms.device), n_atoms)
+        r0 = self._ref_positions.double()
+        u = positions.double() - torch.einsum("nk,nkl->nl", r0, strain[system])  # non-affine displacement
+        u_max = torch.zeros_like(margin).scatter_reduce(0, system, u.norm(dim=1), "amax")
+        if bool((2.0 * u_max > margin).any()):
+            return "strain and displacements used up the skin"
         return None
 
     def __call__(
