@@ -122,6 +122,16 @@ def partial_molecule_batch(
     return batch
 
 
+def log_density_on_points(model: ConditionalGenerativeSchNet, log_p_distance: torch.Tensor,
+                          node_positions: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Unnormalised log-density of the next atom at ``points`` [G, 3]: the sum over prediction
+    neighbours (positions [q, 3], distance log-distributions [q, bins]) of the log-probability
+    of the bin each point's distance falls in.  [G]"""
+    d = torch.cdist(node_positions, points)  # [q, G]
+    b = torch.clamp(torch.round(d / model.bin_width).long(), max=model.n_bins - 1)
+    return torch.gather(log_p_distance, 1, b).sum(0)
+
+
 def placement_grid(placement_cutoff: float, grid_spacing: float, min_distance: float = 0.7) -> torch.Tensor:
     """Cubic grid points with min_distance <= |p| <= placement_cutoff (Å).  [G, 3]"""
     if not grid_spacing > 0:
@@ -275,9 +285,7 @@ def _generate_batch(model, n, max_n_atoms, cond, grid, h, temperature, gen, chun
                 fpos = Rs[m][foci[k]] if foci[k] >= 0 else torch.zeros(3, dtype=dtype)
                 rows = (q_step == k).nonzero().squeeze(1)
                 pts = fpos[None] + grid  # [G, 3]
-                d = torch.cdist(node_pos[rows], pts)  # [q, G]
-                b = torch.clamp(torch.round(d / model.bin_width).long(), max=model.n_bins - 1)
-                score = torch.gather(logd[rows], 1, b).sum(0) / temperature  # [G]
+                score = log_density_on_points(model, logd[rows], node_pos[rows], pts) / temperature  # [G]
                 g = int(torch.multinomial(torch.softmax(score, 0), 1, generator=gen))
                 jitter = (torch.rand(3, generator=gen, dtype=dtype) - 0.5) * h
                 Zs[m] = torch.cat([Zs[m], next_z[k : k + 1]])
