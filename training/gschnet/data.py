@@ -73,6 +73,7 @@ def load_molecules(
     atom_types: Sequence[int],
     placement_cutoff: float,
     properties: dict[str, str] | None = None,
+    covalent_radius_factor: float | None = None,
 ) -> list[Molecule]:
     """Read and check the molecules of ``path`` (see module docstring)."""
     from ase.io import read
@@ -105,11 +106,18 @@ def load_molecules(
         com = atoms.get_center_of_mass()
         r = r - com
         d = np.linalg.norm(r[:, None] - r[None], axis=-1)
-        if not _connected(d, placement_cutoff):
+        reach = d
+        if covalent_radius_factor:
+            from ase.data import covalent_radii
+
+            rc = covalent_radii[z]
+            reach = np.where(d < covalent_radius_factor * (rc[:, None] + rc[None, :]), d, np.inf)
+        if not _connected(reach, placement_cutoff):
             raise GSchNetDataError(
                 f"{path}: structure {k} ({atoms.get_chemical_formula()}) is not connected within the placement "
-                f"cutoff {placement_cutoff} Å, so it cannot be built atom by atom; raise globals.placement_cutoff "
-                "or remove it"
+                f"cutoff {placement_cutoff} Å" + (f" and {covalent_radius_factor} x covalent radii" if covalent_radius_factor
+                                                   else "") + ", so it cannot be built atom by atom; raise "
+                "globals.placement_cutoff / globals.covalent_radius_factor or remove it"
             )
         props = {}
         for name, key in properties.items():

@@ -88,7 +88,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if name not in (COMPOSITION, RELATIVE_ATOMIC_ENERGY) and name not in props:
             raise TrainingConfigError(f"condition {name!r} has no data key: set data.properties.{name}=<info key>")
     load_props = {k: v for k, v in props.items() if k in cond_names}
-    mols = load_molecules(Path(str(datapath)).expanduser(), list(g.atom_types), float(g.placement_cutoff), load_props)
+    mols = load_molecules(Path(str(datapath)).expanduser(), list(g.atom_types), float(g.placement_cutoff), load_props,
+                          _covalent_factor(cfg))
     if d.get("cache_neighbors", True):
         neighbor_cache(mols, run_dir / "data" / "neighbors.npz")
     split_file = run_dir / "split.npz"
@@ -117,14 +118,22 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "train_idx": train_idx, "val_idx": val_idx}
 
 
+def _covalent_factor(cfg: DictConfig) -> float | None:
+    g = cfg.globals
+    return float(g.get("covalent_radius_factor", 1.1)) if g.get("use_covalent_radii", True) else None
+
+
 def _loaders(cfg: DictConfig, data: dict[str, Any]):
     from training.gschnet.sequences import StepCollate, StepDataset
 
     g, d = cfg.globals, cfg.data
     collate = StepCollate(float(g.model_cutoff), float(g.prediction_cutoff), list(g.atom_types), data["condition_keys"])
     draw = int(d.get("draw_random_samples", 0) or 0)
-    tr = StepDataset(data["train"], float(g.placement_cutoff), draw, str(d.get("ordering", "random")))
-    va = StepDataset(data["val"], float(g.placement_cutoff), draw, str(d.get("ordering", "random")), fixed_seed=12345)
+    cf = _covalent_factor(cfg)
+    tr = StepDataset(data["train"], float(g.placement_cutoff), draw, str(d.get("ordering", "random")),
+                     covalent_radius_factor=cf)
+    va = StepDataset(data["val"], float(g.placement_cutoff), draw, str(d.get("ordering", "random")), fixed_seed=12345,
+                     covalent_radius_factor=cf)
     bs = int(d.batch_size)
     nw = int(d.get("num_workers", 0))
     return (torch.utils.data.DataLoader(tr, batch_size=bs, shuffle=True, collate_fn=collate, num_workers=nw),

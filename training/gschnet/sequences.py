@@ -4,7 +4,9 @@ A trajectory of a molecule of n atoms has 2n steps: the first places an atom aro
 origin token (an atom within the placement cutoff of the centre of mass; the closest if
 none is), then each step picks a focus among the placed, unfinished atoms and either
 places one of the focus's unplaced neighbours within the placement cutoff or, if there is
-none, predicts *stop* for the focus (which is then finished).
+none, predicts *stop* for the focus (which is then finished). As in cG-SchNet, neighbours for
+placement must also be closer than ``covalent_radius_factor`` (1.1) times the sum of their
+covalent radii, i.e. bonded (``None`` switches that off).
 
 ``ordering="random"`` draws foci and next atoms uniformly; ``"canonical"`` takes the
 earliest placed unfinished atom as focus and its closest unplaced neighbour (a
@@ -37,8 +39,23 @@ class Step:
     next_atom: int
 
 
+def placement_neighbors(mol: Molecule, placement_cutoff: float, covalent_radius_factor: float | None = 1.1) -> np.ndarray:
+    """Adjacency [n, n] of atoms that may be placed next to each other: closer than the placement
+    cutoff and, with ``covalent_radius_factor``, closer than factor * (r_cov,i + r_cov,j) (bonded)."""
+    d = mol.distances if mol.distances is not None else np.linalg.norm(
+        mol.positions[:, None] - mol.positions[None], axis=-1)
+    adj = d < placement_cutoff
+    if covalent_radius_factor:
+        from ase.data import covalent_radii
+
+        r = covalent_radii[mol.numbers]
+        adj &= d < covalent_radius_factor * (r[:, None] + r[None, :])
+    np.fill_diagonal(adj, False)
+    return adj
+
+
 def sample_trajectory(mol: Molecule, placement_cutoff: float, rng: np.random.Generator,
-                      ordering: str = "random") -> list[Step]:
+                      ordering: str = "random", covalent_radius_factor: float | None = 1.1) -> list[Step]:
     """All 2n steps of one atom-by-atom build of ``mol`` (see module docstring)."""
     if ordering not in ("random", "canonical"):
         raise ValueError(f"ordering must be 'random' or 'canonical', got {ordering!r}")
@@ -56,8 +73,7 @@ def sample_trajectory(mol: Molecule, placement_cutoff: float, rng: np.random.Gen
     is_placed = np.zeros(n, dtype=bool)
     is_placed[first] = True
     unfinished = [first]
-    adj = d < placement_cutoff
-    np.fill_diagonal(adj, False)
+    adj = placement_neighbors(mol, placement_cutoff, covalent_radius_factor)
     while unfinished:
         f = unfinished[0] if ordering == "canonical" else unfinished[int(rng.integers(len(unfinished)))]
         cand = np.nonzero(adj[f] & ~is_placed)[0]
@@ -77,8 +93,10 @@ class StepDataset(torch.utils.data.Dataset):
     """Item i: steps of a freshly sampled trajectory of molecule i (``draw_random_samples`` of them, 0 = all)."""
 
     def __init__(self, mols: Sequence[Molecule], placement_cutoff: float, draw_random_samples: int = 0,
-                 ordering: str = "random", fixed_seed: int | None = None):
+                 ordering: str = "random", fixed_seed: int | None = None,
+                 covalent_radius_factor: float | None = 1.1):
         self.mols = list(mols)
+        self.covalent_radius_factor = covalent_radius_factor
         self.placement_cutoff = float(placement_cutoff)
         if draw_random_samples < 0:
             raise ValueError(f"draw_random_samples must be >= 0, got {draw_random_samples}")
@@ -94,7 +112,7 @@ class StepDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.fixed_seed, i])
         else:
             rng = np.random.default_rng([int(torch.randint(2**31, (1,))), i])
-        steps = sample_trajectory(self.mols[i], self.placement_cutoff, rng, self.ordering)
+        steps = sample_trajectory(self.mols[i], self.placement_cutoff, rng, self.ordering, self.covalent_radius_factor)
         if self.draw and self.draw < len(steps):
             pick = rng.choice(len(steps), size=self.draw, replace=False)
             steps = [steps[k] for k in sorted(pick)]
