@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default="benchmarks/results/gschnet_generation.md")
     ap.add_argument("--plot", default="benchmarks/results/gschnet_generation.png")
+    ap.add_argument("--peer-db", nargs="*", default=[],
+                    help="TARGET_GAP=PATH: ASE dbs written by schnetpack-gschnet's gschnet_generate, evaluated alike")
+    ap.add_argument("--peer-note", default="")
     args = ap.parse_args()
     from ase.io import read
 
@@ -75,6 +78,7 @@ def main() -> None:
              f"{args.gap_bundle}" + (f" --comp-bundle {args.comp_bundle}" if args.comp_bundle else "") +
              f" -n {args.n} --gaps {' '.join(f'{g:g}' for g in args.gaps)}"
              + (f" --compositions {' '.join(args.compositions)}" if args.comp_bundle else "")
+             + (f" --peer-db {' '.join(args.peer_db)}" if args.peer_db else "")
              + f" --out {args.out} --plot {args.plot}`  ",
              f"torch {torch.__version__}, {platform.machine()}, 1 thread, validity by "
              f"{'RDKit DetermineBonds' if use_rdkit else 'valence rules'}, gaps by "
@@ -139,6 +143,26 @@ def main() -> None:
             lines.append(f"| {comp} | {ntr} | {frac:.2f} | {s['finished_fraction']:.2f} | "
                          f"{s['valid_fraction_of_finished']:.2f} | {s['unique_fraction_of_valid']:.2f} | "
                          f"{s.get('novel_fraction_of_unique', float('nan')):.2f} |")
+    if args.peer_db:
+        from ase.db import connect
+
+        lines += ["", "## Peer: schnetpack-gschnet (same data, same evaluation)", "", args.peer_note, "",
+                  "| target gap eV | molecules in db | valid | unique (of valid) | novel (of unique) | xTB gap of valid: median (10-90 %) eV | mean atoms |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for item in args.peer_db:
+            g, path = item.split("=", 1)
+            with connect(path) as db:
+                rows = [r.toatoms() for r in db.select()]
+            Z = [a.numbers for a in rows]
+            R = [a.positions for a in rows]
+            ana = analyse(Z, R, np.ones(len(rows), bool), train_ids, use_rdkit)
+            s = ana["summary"]
+            vals = np.array([xtb_gap_eV(z, r) for z, r, v in zip(Z, R, ana["valid"]) if v]) if have_xtb else np.array([])
+            gq = (f"{np.median(vals):.2f} ({np.percentile(vals, 10):.2f}-{np.percentile(vals, 90):.2f}), n={vals.size}"
+                  if vals.size else "n/a")
+            lines.append(f"| {g} | {len(rows)} | {s['valid_fraction_of_finished']:.2f} | {s['unique_fraction_of_valid']:.2f} | "
+                         f"{s.get('novel_fraction_of_unique', float('nan')):.2f} | {gq} | {s['mean_n_atoms']:.1f} |")
+            print("peer", g, s, flush=True)
     lines += ["", f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.", ""]
     Path(args.out).write_text("\n".join(lines))
     import matplotlib
