@@ -119,7 +119,8 @@ def validate_metadata(metadata: dict[str, Any]) -> None:
     except units.UnitError as err:
         raise BundleError(f"bundle units are invalid: {err}") from err
     outputs = metadata["outputs"]
-    if not isinstance(outputs, dict) or keys.energy not in outputs:
+    generative = metadata.get("model_kind") == "generative"  # cG-SchNet: distributions, no energy
+    if not isinstance(outputs, dict) or (keys.energy not in outputs and not generative):
         raise BundleError(f"bundle outputs must be a dict including 'energy', got {outputs!r}")
     for name, spec in outputs.items():
         if not isinstance(spec, dict) or spec.get("per") not in ("system", "atom") or "unit" not in spec:
