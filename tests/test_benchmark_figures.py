@@ -41,7 +41,8 @@ def results(tmp_path: Path) -> Path:
         ("Peak memory 0.32× (`results/md.md`).", 0),  # ratio column without a suffix
         ("Ethanol is 2.6x faster (`results/md.md`).", 1),  # 2.60 is a time, not a ratio
         ("| ethanol | 3.5× | `results/md.md` |", 1),
-        ("Ethanol is 3.5x faster, no citation.", 0),  # nothing cited: not checked
+        ("Ethanol is 3.5x faster, no citation.", 0),
+        ("| ethanol | 2.98× | aim ≥3.5×: not met | `results/md.md` |", 0),  # an aim is not a figure  # nothing cited: not checked
         ("Ethanol is 3.0x faster (`results/nope.md`).", 2),  # missing file and the figure
     ],
 )
