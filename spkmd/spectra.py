@@ -252,6 +252,20 @@ def plot_spectrum(wavenumber: np.ndarray, intensity: np.ndarray, path: str | Pat
     return plot_spectra({"spectrum": Spectrum(wavenumber, {"intensity": intensity}, title)}, path, max_wavenumber)
 
 
+def run_temperature(config_path: Path) -> float | None:
+    """The thermostat (or initial) temperature of the run whose saved config this is (K), if any."""
+    if not config_path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config_path)
+    for key in ("dynamics.thermostat.temperature", "system.initializer.temperature"):
+        v = OmegaConf.select(cfg, key, default=None)
+        if isinstance(v, (int, float)) and v > 0:
+            return float(v)
+    return None
+
+
 def compute_spectra(
     log_path: str | Path,
     png_path: str | Path,
@@ -286,6 +300,8 @@ def compute_spectra(
     log = HDF5Loader(log_path, skip_initial=skip_frames)
     dt = _dt_fs(log)
     if temperature_K is None:
+        temperature_K = run_temperature(Path(log_path).parent / "config.yaml")
+    if temperature_K is None:
         temperature_K = float(np.mean(log.get_temperature(molecule, replica)))
     spectra: dict[str, Spectrum] = {}
     for kind in kinds:
@@ -304,6 +320,6 @@ def compute_spectra(
     for name, sp in spectra.items():
         main = next(iter(sp.curves.values())) if name != "raman" else sp.curves["polarized"]
         p = peak_positions(sp.wavenumber, main, n=4)
-        peaks.append(f"{name} peaks " + ", ".join(f"{v:.0f}" for v in p) + " cm^-1")
+        peaks.append(f"{name} peaks " + (", ".join(f"{v:.0f}" for v in p) + " cm^-1" if len(p) else "none resolved"))
     info = (f"{len(log)} frames (skipped {skip_frames}), dt {dt:g} fs, T {temperature_K:.1f} K; " + "; ".join(peaks))
     return files, info
