@@ -43,6 +43,7 @@ MD_PROPERTY_UNITS = {
     "dipole_moment": "e*Bohr",
     "partial_charges": "e",
     "polarizability": "e^2*Bohr^2/Hartree",
+    "nuclear_magnetic_shielding": "ppm",
     "energy_uncertainty": "Hartree",
 }
 PROVIDER_UNITS_ALL = dict(PROVIDER_UNITS, energy_uncertainty="eV")

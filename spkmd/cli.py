@@ -4,7 +4,7 @@
     spkmd run simulation_dir=DIR [overrides...]    the same
     spkmd plot DIR                                 PNGs of energies, temperature, pressure
     spkmd export DIR -o frames.extxyz              frames to extended XYZ
-    spkmd spectrum DIR -o spectrum.png             power (or IR) spectrum
+    spkmd spectrum DIR --ir --raman [-o spectra.png]   power / IR / Raman spectra (PNG + CSV)
 """
 
 from __future__ import annotations
@@ -113,26 +113,45 @@ def export(directory: str, out_file: str, replica: int | None, centroid: bool, m
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True))
-@click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False), help="PNG file.")
-@click.option("--kind", type=click.Choice(["power", "ir"]), default="power", show_default=True)
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False),
+              help="PNG file (default: spectra.png beside the log); the numbers go to the same name with .csv.")
+@click.option("--power", "want_power", is_flag=True, help="Power spectrum (velocity autocorrelation).")
+@click.option("--ir", "want_ir", is_flag=True, help="IR spectrum (needs dipole_moment in the log).")
+@click.option("--raman", "want_raman", is_flag=True, help="Raman spectra (needs polarizability in the log).")
+@click.option("--kind", type=click.Choice(["power", "ir", "raman"]), default=None,
+              help="One spectrum (older spelling of --power/--ir/--raman).")
 @click.option("--molecule", type=int, default=0, show_default=True)
+@click.option("--replica", type=int, default=None, help="One bead (default: the bead average = centroid).")
 @click.option("--skip", type=int, default=0, show_default=True, help="Logged frames to skip (equilibration).")
-@click.option("--resolution", type=int, default=4096, show_default=True, help="Correlation length in frames.")
-def spectrum(directory: str, out_file: str, kind: str, molecule: int, skip: int, resolution: int) -> None:
-    """Vibrational power spectrum (velocity autocorrelation) or IR spectrum (dipole derivative)."""
-    from spkmd.data import HDF5Loader
-    from spkmd.spectra import ir_spectrum, plot_spectrum, power_spectrum
+@click.option("--skip-ps", type=float, default=None, help="Skip this much simulated time (ps) instead.")
+@click.option("--resolution", type=int, default=None, help="Correlation length in frames (default: half the frames, at most 4096).")
+@click.option("--laser-nm", type=float, default=514.0, show_default=True, help="Raman laser wavelength.")
+@click.option("--temperature-K", "temperature_K", type=float, default=None,
+              help="Temperature of the quantum/Bose factors (default: mean logged temperature).")
+@click.option("--correction", type=click.Choice(["harmonic", "schofield"]), default="harmonic", show_default=True,
+              help="Quantum correction of the IR line shape.")
+def spectrum(directory: str, out_file: str | None, want_power: bool, want_ir: bool, want_raman: bool,
+             kind: str | None, molecule: int, replica: int | None, skip: int, skip_ps: float | None,
+             resolution: int | None, laser_nm: float, temperature_K: float | None, correction: str) -> None:
+    """Power, IR and Raman spectra from the HDF5 log: a PNG with one panel each and a CSV of the numbers."""
+    from spkmd.spectra import compute_spectra
 
+    kinds = [k for k, on in (("power", want_power), ("ir", want_ir), ("raman", want_raman)) if on]
+    if kind and kind not in kinds:
+        kinds.append(kind)
+    log = _log_file(directory)
+    png = Path(out_file) if out_file else log.parent / "spectra.png"
     try:
-        log = HDF5Loader(_log_file(directory), skip_initial=skip)
-        if kind == "power":
-            freq, intensity = power_spectrum(log, molecule=molecule, resolution=resolution)
-        else:
-            freq, intensity = ir_spectrum(log, molecule=molecule, resolution=resolution)
-        plot_spectrum(freq, intensity, out_file, title=f"{kind} spectrum, molecule {molecule}")
+        files, info = compute_spectra(
+            log, png, kinds=kinds or ["power"], molecule=molecule, replica=replica, skip_frames=skip,
+            skip_ps=skip_ps, resolution=resolution, laser_nm=laser_nm, temperature_K=temperature_K,
+            correction=correction,
+        )
     except (ValueError, KeyError, IndexError) as err:
         _fail(err)
-    click.echo(f"wrote {out_file}")
+    click.echo(info)
+    for f in files:
+        click.echo(f"wrote {f}")
 
 
 #: console-script entry point: the allocator tunable (spkserve.allocator), then :func:`main`

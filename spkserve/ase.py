@@ -5,8 +5,10 @@
 
 Energies in eV, forces in eV/Å, stress in eV/Å³ (Voigt order, ASE's sign
 convention) for fully periodic systems; the bundle's other outputs (e.g.
-``dipole_moment``) are available when listed in ``properties``. The skin
-neighbor list is reused between calls.
+``polarizability``, ``nuclear_magnetic_shielding``) are available when listed in
+``extra_properties``. A bundle's ``dipole_moment`` (e·Å) is also offered under ASE's
+own name ``dipole``, so ``atoms.get_dipole_moment()`` and ``ase.vibrations.Infrared``
+work; it is computed only when asked for. The skin neighbor list is reused between calls.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ class ProviderCalculator(Calculator):
         self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
         if keys.stress in available:
             self.implemented_properties.append("stress")
-        self.extra_properties = tuple(extra_properties)
+        # ASE's name for the dipole is "dipole"; accept it as an alias of dipole_moment
+        self.extra_properties = tuple(keys.dipole_moment if p == "dipole" else p for p in extra_properties)
         for p in self.extra_properties:
             if p not in available:
                 raise CalculatorSetupError(f"the model cannot compute {p!r}; it provides {sorted(available)}")
         self.implemented_properties += list(self.extra_properties)
+        if keys.dipole_moment in available:
+            self.implemented_properties.append("dipole")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -51,6 +56,8 @@ class ProviderCalculator(Calculator):
             wanted.append(keys.stress)  # cheap with the strain trick, saves a second call
         available = self.provider.available_properties
         wanted += [p for p in self.extra_properties if p in available]
+        if "dipole" in properties and keys.dipole_moment not in wanted:
+            wanted.append(keys.dipole_moment)
         if keys.atomic_energies in available:
             wanted.append(keys.atomic_energies)
         try:
@@ -65,9 +72,13 @@ class ProviderCalculator(Calculator):
             self.results["energies"] = out[keys.atomic_energies].numpy().copy()
         if keys.stress in out:
             self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.stress][0].numpy())
-        for p in self.extra_properties:
+        for p in wanted[2:]:
+            if p in (keys.stress, keys.atomic_energies):
+                continue
             v = out[p].numpy()
-            self.results[p] = v[0] if p not in keys.PER_ATOM_OUTPUTS else v.copy()
+            self.results[p] = v[0].copy() if p not in keys.PER_ATOM_OUTPUTS else v.copy()
+        if keys.dipole_moment in self.results:
+            self.results["dipole"] = self.results[keys.dipole_moment]
 
 
 class BundleCalculator(ProviderCalculator):

@@ -23,6 +23,7 @@ Outputs (per system unless noted)
 ``energy`` [S], ``forces`` [N, 3] (per atom), ``stress`` [S, 3, 3]
 (= (1/V) dE/dstrain, ASE's sign convention), ``dipole_moment`` [S, 3],
 ``polarizability`` [S, 3, 3], ``partial_charges`` [N] (per atom),
+``nuclear_magnetic_shielding`` [N, 3, 3] (per atom, ppm),
 ``energy_uncertainty`` [S].
 """
 
@@ -41,6 +42,8 @@ shifts = "pair_shifts"
 total_charge = "total_charge"
 electric_field = "electric_field"
 magnetic_field = "magnetic_field"
+#: [N, 3] nuclear magnetic moments (reduced units), the per-atom "field" of shielding
+nuclear_magnetic_moments = "nuclear_magnetic_moments"
 
 # derived inside models
 Rij = "pair_vectors"

@@ -27,6 +27,7 @@ PROVIDER_UNITS = {
     "dipole_moment": "e*Angstrom",
     "partial_charges": "e",
     "polarizability": "e*Angstrom^2/V",
+    "nuclear_magnetic_shielding": "ppm",
 }
 
 

@@ -140,6 +140,7 @@ UNITS: dict[str, Quantity] = {
     "d": _COULOMB * _METER * _q(1e-21 / SPEED_OF_LIGHT_M_PER_S),
     # dimensionless
     "1": _ONE,
+    "ppm": _q(1e-6),
     "": _ONE,
 }
 

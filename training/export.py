@@ -131,6 +131,8 @@ def bundle_metadata(run_dir: Path, model: torch.nn.Module, checkpoint: str) -> d
         if name in outputs or name == energy_key:
             continue
         unit = prop_units.get(out.get("target_name") or name)
+        if unit is None and cfg["task"].get("only_present_outputs"):
+            continue  # not in the data, so not trained (see training.run.build_outputs)
         if unit is None:
             raise ExportError(f"no unit known for output {name!r} (data units: {prop_units})")
         outputs[name] = {"unit": unit, "per": "atom" if name in keys.PER_ATOM_OUTPUTS else "system"}

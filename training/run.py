@@ -116,13 +116,37 @@ def ensure_database(datapath: Path, file_units: dict[str, str] | None, run_dir: 
     target = run_dir / "data" / f"{datapath.stem}.db"
     if target.exists():
         return target
-    u = {"energy": "eV", "distance": "Ang", **{k: v for k, v in (file_units or {}).items() if v}}
+    meta_units = data_file_units(datapath)
+    u = {"energy": "eV", "distance": "Ang", **meta_units, **{k: v for k, v in (file_units or {}).items() if v}}
+    extra = {k: v for k, v in u.items() if k not in _STANDARD_FILE_UNITS}
     target.parent.mkdir(parents=True, exist_ok=True)
     if datapath.suffix == ".db":
-        from_ase_db(datapath, target, u["energy"], u.get("forces"), u["distance"])
+        from_ase_db(datapath, target, u["energy"], u.get("forces"), u["distance"], extra_units=extra or None)
     else:
-        from_ase_file(datapath, target, u["energy"], u.get("forces"), u["distance"])
+        from_ase_file(datapath, target, u["energy"], u.get("forces"), u["distance"], extra_units=extra or None)
     return target
+
+
+#: file_units keys that are not property names
+_STANDARD_FILE_UNITS = ("energy", "forces", "distance", "positions", "stress")
+
+
+def data_file_units(datapath: Path) -> dict[str, str]:
+    """Units stated by a data file's metadata sidecar ``<stem>.meta.json`` (``{"units": {...}}``),
+    as ``file_units`` keys: ``positions`` becomes ``distance``; other names are property names
+    (e.g. ``polarizability: e*Angstrom^2/V``, ``nuclear_magnetic_shielding: ppm``), imported with
+    these units. Empty if there is no sidecar."""
+    side = datapath.with_name(datapath.name.split(".")[0] + ".meta.json")
+    if not side.is_file():
+        return {}
+    try:
+        stated = json.loads(side.read_text()).get("units") or {}
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise TrainingConfigError(f"{side} is not a JSON object with a 'units' mapping: {err}") from err
+    out = {}
+    for name, unit in stated.items():
+        out["distance" if name == "positions" else name] = str(unit)
+    return out
 
 
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> Any:
@@ -154,12 +178,20 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> Any:
     return AtomsDataModule(str(datapath), transforms=transforms, **d)
 
 
-def build_outputs(cfg: DictConfig) -> list[Any]:
+def build_outputs(cfg: DictConfig, available: set[str] | None = None) -> list[Any]:
+    """The task's outputs; with ``task.only_present_outputs: true`` and the data's property
+    names in ``available``, outputs whose target the data lacks are left out (a response
+    experiment trains on whatever of dipole / polarizability / shielding a data set has)."""
     from training.losses import ModelOutput
 
     outs = []
+    only_present = bool(cfg.task.get("only_present_outputs", False)) and available is not None
     for spec in to_container(cfg.task.outputs) or []:
         spec = dict(spec)
+        target = spec.get("target_name") or spec.get("name")
+        if only_present and target not in available:
+            print(f"spktrain: the data has no {target!r}; not training it")
+            continue
         try:
             outs.append(ModelOutput(**spec))
         except TypeError as err:
@@ -191,12 +223,14 @@ def energy_offsets(cfg: DictConfig, dm: Any) -> tuple[torch.Tensor, float] | Non
     return None
 
 
-def build_task(cfg: DictConfig, model: torch.nn.Module, offsets: tuple[torch.Tensor, float] | None) -> Any:
+def build_task(cfg: DictConfig, model: torch.nn.Module, offsets: tuple[torch.Tensor, float] | None,
+               outputs: list[Any] | None = None) -> Any:
     from training.task import AtomisticTask
 
     t = to_container(cfg.task)
     t.pop("outputs", None)
-    return AtomisticTask(model, build_outputs(cfg), energy_offsets=offsets, **t)
+    t.pop("only_present_outputs", None)
+    return AtomisticTask(model, outputs if outputs is not None else build_outputs(cfg), energy_offsets=offsets, **t)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any] | None = None) -> Any:
@@ -291,7 +325,8 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     pl.seed_everything(int(cfg.run.get("seed", 0)), workers=True)
     dm = build_datamodule(cfg, run_dir)
     dm.setup("fit")  # builds the train, val and test splits at once
-    outputs = build_outputs(cfg)
+    stored = getattr(dm.train_dataset, "property_units", None)
+    outputs = build_outputs(cfg, set(stored) if stored else None)
     info = check_data(dm, outputs)
     ds = dm.train_dataset
     info.update(
@@ -306,7 +341,7 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     offsets = energy_offsets(cfg, dm)
     if offsets is not None:
         model.set_offsets(*offsets)
-    task = build_task(cfg, model, offsets)
+    task = build_task(cfg, model, offsets, outputs)
     return {"dm": dm, "model": model, "task": task, "outputs": outputs, "run_dir": run_dir, "data_info": info}
 
 

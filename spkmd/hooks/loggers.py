@@ -61,6 +61,7 @@ _FILE_UNITS = {
     "dipole_moment": ("e*Bohr", "e*Angstrom"),
     "partial_charges": ("e", "e"),
     "polarizability": ("e^2*Bohr^2/Hartree", "e*Angstrom^2/V"),
+    "nuclear_magnetic_shielding": ("ppm", "ppm"),
     "positions": ("Bohr", "Angstrom"),
     "velocities": ("Bohr/au_time", "Angstrom/fs"),
     "forces": ("Hartree/Bohr", "eV/Angstrom"),

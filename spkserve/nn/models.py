@@ -28,6 +28,7 @@ from torch import nn
 
 from spkserve import keys
 from spkserve.registry import build, register
+from spkserve.nn.electrostatics import ElectrostaticEnergy
 from spkserve.nn.field_schnet import FieldResponsePotential, FieldSchNet
 from spkserve.nn.outputs import Atomwise, DipoleMoment, EnergySum, Polarizability, ZBLRepulsion
 from spkserve.nn.painn import PaiNN
@@ -84,6 +85,12 @@ def build_polarizability(**params: Any) -> nn.Module:
 def build_zbl(**params: Any) -> nn.Module:
     """ZBL repulsion head (see :class:`spkserve.nn.outputs.ZBLRepulsion`)."""
     return ZBLRepulsion(**params)
+
+
+@register("electrostatics")
+def build_electrostatics(**params: Any) -> nn.Module:
+    """Damped Coulomb / Ewald energy of latent charges (see :class:`spkserve.nn.electrostatics.ElectrostaticEnergy`)."""
+    return ElectrostaticEnergy(**params)
 
 
 @register("energy_sum")

@@ -71,11 +71,20 @@ def normalize_property(
         raise AtomsDataError(f"{where}: property {name!r} is not numeric ({err})") from None
     if name == keys.stress and arr.size == 6:
         arr = _voigt_to_matrix(arr.reshape(6))
+    if name == keys.polarizability and arr.size == 9:
+        arr = arr.reshape(3, 3)  # row-major 9 values (extxyz)
+    if name == keys.nuclear_magnetic_shielding and arr.shape == (n_atoms, 9):
+        arr = arr.reshape(n_atoms, 3, 3)  # row-major 9 values per atom (extxyz)
     if per_atom:
         if arr.ndim == 0 or arr.shape[0] != n_atoms:
             raise AtomsDataError(
                 f"{where}: per-atom property {name!r} has shape {arr.shape}, expected leading dimension "
                 f"n_atoms={n_atoms}"
+            )
+        if name == keys.nuclear_magnetic_shielding and arr.shape != (n_atoms, 3, 3):
+            raise AtomsDataError(
+                f"{where}: property 'nuclear_magnetic_shielding' must be one 3x3 tensor (or 9 row-major values) "
+                f"per atom, shape ({n_atoms}, 3, 3); got {arr.shape}"
             )
     else:
         if arr.ndim >= 1 and arr.shape[0] == 1:
@@ -86,6 +95,10 @@ def normalize_property(
             arr = arr.reshape(())
         if name == keys.stress and arr.shape != (3, 3):
             raise AtomsDataError(f"{where}: property 'stress' must be 3x3 or Voigt (6,), got shape {arr.shape}")
+        if name == keys.polarizability and arr.shape != (3, 3):
+            raise AtomsDataError(
+                f"{where}: property 'polarizability' must be a 3x3 tensor or 9 row-major values, got shape {arr.shape}"
+            )
         if name == keys.dipole_moment and arr.shape != (3,):
             raise AtomsDataError(f"{where}: property 'dipole_moment' must be a 3-vector, got shape {arr.shape}")
         arr = arr.reshape((1,) + arr.shape)
