@@ -322,3 +322,50 @@ else:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-500:]}"
     assert proc.stdout.startswith("REFUSED") and "span" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- issue 14: malicious i-PI server
+class _StubEvaluator:
+    n_atoms = 3
+
+    def __call__(self, cells, pos):  # never reached in these tests
+        raise AssertionError("the client evaluated a structure from a malicious server")
+
+
+@pytest.mark.parametrize("attack", ["huge_posdata", "reset"])
+def test_ipi_client_facing_a_malicious_server(attack, tmp_path):
+    """Counts are checked against the template before allocating; a reset is a ClientError."""
+    import struct
+
+    from spkserve.ipi import protocol as IP
+    from spkserve.ipi.client import Address, ClientError, IPIClient
+
+    path = str(tmp_path / "evil.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def evil():
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(IP.STATUS)
+            IP.read_header(conn)  # NEEDINIT
+            conn.sendall(IP.pack_init(0, "batch_size:1000"))
+            if attack == "huge_posdata":  # 10^7 atoms announced, nothing behind it
+                conn.sendall(IP.POSDATA + struct.pack("<i", 10_000_000))
+                conn.recv(1)  # wait for the client to hang up
+            else:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.sendall(IP.POSDATA)  # then an abortive close (RST)
+
+    t = threading.Thread(target=evil, daemon=True)
+    t.start()
+    try:
+        client = IPIClient(_StubEvaluator(), Address(unix_path=path), connect_timeout_s=10, io_timeout_s=10)
+        with pytest.raises(ClientError) as err:
+            client.run()
+        if attack == "huge_posdata":
+            assert "10000000 atoms" in str(err.value) and "3 are expected" in str(err.value)
+    finally:
+        t.join(10)
+        srv.close()
