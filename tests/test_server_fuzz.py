@@ -252,3 +252,120 @@ def test_server_counted_every_rejection(server, good):
     assert stats["errors"] >= 10 and stats["errors_by_code"].get(P.BAD_MESSAGE, 0) >= len(GARBAGE)
     assert stats["connections"]["open"] >= 1
     assert os.path.exists(server.address)
+
+
+# --------------------------------------------------------------------------- issue 14: native crash
+_HOSTILE_GEOMETRY = {
+    # one atom 1e6 Å away from a non-periodic molecule: vesin divided by zero (SIGFPE)
+    "far_atom": ([[0.0, 0, 0], [1.0, 0, 0], [1e6, 0, 0]], None, False),
+    # a periodic cell of 1e200 Å: SIGFPE in vesin
+    "huge_cell": ([[0.0, 0, 0], [1.0, 0, 0]], (np.eye(3) * 1e200).tolist(), True),
+    # a slab whose non-periodic extent is 1e5 Å: vesin hangs for minutes
+    "far_slab": ([[0.0, 0, 0], [1.0, 0, 0], [0, 0, 1e5]], np.diag([10.0, 10.0, 0.0]).tolist(), [True, True, False]),
+    # a 1 Å cube for a 5 Å cutoff: 1331 images, pair count explodes
+    "thin_cell": ([[0.0, 0, 0], [0.5, 0.5, 0.5]], np.eye(3).tolist(), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE_GEOMETRY))
+def test_hostile_geometry_is_a_clear_error_in_every_backend(case):
+    """In a child process, so that a native crash shows up as a signal instead of killing pytest."""
+    positions, cell, pbc = _HOSTILE_GEOMETRY[case]
+    code = f"""
+import torch
+from spkserve.neighbors import neighbor_list, NeighborListError
+R = torch.tensor({positions!r}, dtype=torch.float64)
+C = torch.tensor({cell!r}, dtype=torch.float64) if {cell!r} is not None else torch.zeros(3, 3, dtype=torch.float64)
+P = torch.tensor({pbc!r}, dtype=torch.bool).expand(3).clone()
+for backend in ("vesin", "matscipy", "ase", "torch"):
+    try:
+        neighbor_list(R, C, P, torch.tensor([len(R)]), 5.0, backend)
+    except NeighborListError as err:
+        print(backend, "REFUSED", err)
+    else:
+        print(backend, "ACCEPTED")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-500:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and all("REFUSED" in line for line in lines), proc.stdout
+    assert all(("span" in l) or ("cell vector" in l) or ("too thin" in l) for l in lines), proc.stdout
+
+
+def test_far_atom_request_gets_an_error_and_the_server_survives(server, good):
+    """One msgpack request with a far atom used to take `spkserve serve` down (SIGFPE)."""
+    atoms = ethanol(seed=3)
+    far = atoms.copy()
+    far.positions[-1] = [1e6, 0.0, 0.0]
+    with pytest.raises(ServerError) as err:
+        good.compute(far)
+    assert "span" in str(err.value)
+    assert np.isfinite(good.compute(atoms)["energy"])
+
+
+def test_bundle_calculator_refuses_a_far_atom(cho_bundle):
+    """The ASE route shares the neighbor list: same clear error, no crash."""
+    code = f"""
+import numpy as np
+from ase import Atoms
+from spkserve.ase import BundleCalculator
+from spkserve.neighbors import NeighborListError
+atoms = Atoms("CHO", positions=[[0, 0, 0], [1.1, 0, 0], [1e6, 0, 0]])
+atoms.calc = BundleCalculator({str(cho_bundle)!r})
+try:
+    atoms.get_potential_energy()
+except Exception as err:
+    print("REFUSED", type(err).__name__, err)
+else:
+    print("ACCEPTED")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-500:]}"
+    assert proc.stdout.startswith("REFUSED") and "span" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- issue 14: malicious i-PI server
+class _StubEvaluator:
+    n_atoms = 3
+
+    def __call__(self, cells, pos):  # never reached in these tests
+        raise AssertionError("the client evaluated a structure from a malicious server")
+
+
+@pytest.mark.parametrize("attack", ["huge_posdata", "reset"])
+def test_ipi_client_facing_a_malicious_server(attack, tmp_path):
+    """Counts are checked against the template before allocating; a reset is a ClientError."""
+    import struct
+
+    from spkserve.ipi import protocol as IP
+    from spkserve.ipi.client import Address, ClientError, IPIClient
+
+    path = str(tmp_path / "evil.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def evil():
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(IP.STATUS)
+            IP.read_header(conn)  # NEEDINIT
+            conn.sendall(IP.pack_init(0, "batch_size:1000"))
+            if attack == "huge_posdata":  # 10^7 atoms announced, nothing behind it
+                conn.sendall(IP.POSDATA + struct.pack("<i", 10_000_000))
+                conn.recv(1)  # wait for the client to hang up
+            else:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.sendall(IP.POSDATA)  # then an abortive close (RST)
+
+    t = threading.Thread(target=evil, daemon=True)
+    t.start()
+    try:
+        client = IPIClient(_StubEvaluator(), Address(unix_path=path), connect_timeout_s=10, io_timeout_s=10)
+        with pytest.raises(ClientError) as err:
+            client.run()
+        if attack == "huge_posdata":
+            assert "10000000 atoms" in str(err.value) and "3 are expected" in str(err.value)
+    finally:
+        t.join(10)
+        srv.close()

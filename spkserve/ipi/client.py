@@ -180,8 +180,8 @@ class IPIClient:
         elif hdr == P.POSDATA:
             if conn.pending is not None or conn.result is not None:
                 raise P.ProtocolError("POSDATA while the previous result was not collected with GETFORCE", hdr)
-            cells, pos = P.read_posdata(conn.sock, conn.batch_size)
             n = self.evaluator.n_atoms
+            cells, pos = P.read_posdata(conn.sock, conn.batch_size, expect_atoms=n)
             if pos.shape[1] != n:
                 raise P.ProtocolError(f"POSDATA carries {pos.shape[1]} atoms but the species list has {n}", hdr)
             if not (np.isfinite(pos).all() and np.isfinite(cells).all()):
@@ -312,6 +312,8 @@ class IPIClient:
                         ) from err
                     except P.ProtocolError as err:
                         raise ClientError(f"connection {conn.index}: protocol violation by the server: {err}") from err
+                    except OSError as err:  # reset, broken pipe, ...: the documented client error
+                        raise ClientError(f"connection {conn.index}: network failure: {type(err).__name__}: {err}") from err
                     if not alive:
                         sel.unregister(conn.sock)
                         conn.sock.close()

@@ -159,14 +159,24 @@ def cells_from_wire(h_wire: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(h_wire.reshape(-1, 3, 3), 1, 2))
 
 
-def read_posdata(sock: socket.socket, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Body of POSDATA -> (cells_bohr [B, 3, 3] rows, positions_bohr [B, N, 3])."""
+def _check_expected(n: int, expect_atoms: int | None) -> None:
+    if expect_atoms is not None and n != expect_atoms:
+        raise ProtocolError(f"POSDATA carries {n} atoms but {expect_atoms} are expected", POSDATA)
+
+
+def read_posdata(sock: socket.socket, batch_size: int = 1, expect_atoms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Body of POSDATA -> (cells_bohr [B, 3, 3] rows, positions_bohr [B, N, 3]).
+
+    With ``expect_atoms`` the atom count is checked before anything is allocated.
+    """
     if batch_size == 1:
         block = _read_f64(sock, 18, "POSDATA cell")
         n = _check_count(_read_int(sock, "POSDATA atom count"), MAX_ATOMS, "POSDATA atom count", POSDATA)
+        _check_expected(n, expect_atoms)
         pos = _read_f64(sock, 3 * n, "POSDATA positions").reshape(1, n, 3)
         return cells_from_wire(block[:9]), pos
     n = _check_count(_read_int(sock, "POSDATA atom count"), MAX_ATOMS, "POSDATA atom count", POSDATA)
+    _check_expected(n, expect_atoms)
     blocks = _read_f64(sock, 18 * batch_size, "POSDATA cells").reshape(batch_size, 18)
     pos = _read_f64(sock, 3 * n * batch_size, "POSDATA positions").reshape(batch_size, n, 3)
     return cells_from_wire(blocks[:, :9]), pos

@@ -164,7 +164,7 @@ class IPIServer:
             self._server.bind((host or "127.0.0.1", int(port)))
             self.address = f"tcp:{host or '127.0.0.1'}:{self._server.getsockname()[1]}"
         self.port = None if unix is not None else self._server.getsockname()[1]
-        self._server.listen(64)
+        self._server.listen(socket.SOMAXCONN)
         self._server.settimeout(0.2)
         acceptor = threading.Thread(target=self._accept_loop, name="ipi-accept", daemon=True)
         acceptor.start()

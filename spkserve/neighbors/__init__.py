@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from spkserve import keys
-from spkserve.neighbors._cells import NeighborListError, check_inputs, complete_cell_numpy
+from spkserve.neighbors._cells import NeighborListError, check_geometry, check_inputs, complete_cell_numpy
 from spkserve.neighbors._numpy_backends import MERGE_MAX_ATOMS, SINGLE_BACKENDS, merged_non_periodic
 from spkserve.neighbors.torch_backend import torch_neighbor_list
 
@@ -123,6 +123,7 @@ def neighbor_list(
     """
     _check_backend(backend)
     cell, pbc, n_atoms = check_inputs(positions, cell, pbc, n_atoms, cutoff)
+    check_geometry(positions, cell, pbc, n_atoms, float(cutoff))  # before any native code
     if backend == "torch":
         return torch_neighbor_list(positions, cell, pbc, n_atoms, float(cutoff))
     return _numpy_neighbor_list(positions, cell, pbc, n_atoms, float(cutoff), backend)

@@ -152,3 +152,81 @@ def complete_cell_numpy(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
             raise_if_singular(full, torch.from_numpy(cell))
         completed[slow] = done.numpy()
     return completed
+
+
+#: a structure may span at most this many cutoffs in any direction (atoms of a
+#: non-periodic direction, or a periodic cell vector). The compiled libraries
+#: divide by zero (SIGFPE, killing the process) from about 1e5 cutoffs and slow
+#: down sharply from about 1e4; 1000 keeps a wide margin (5000 Å at a 5 Å cutoff).
+MAX_SPAN_CUTOFFS = 1000.0
+#: no coordinate may exceed this magnitude (length unit of the positions)
+MAX_COORDINATE = 1e6
+#: product over periodic directions of (2 ceil(cutoff / height) + 1): the
+#: periodic images searched. More means a cell far thinner than the cutoff.
+MAX_PERIODIC_IMAGES = 1000
+
+
+def check_geometry(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, n_atoms: torch.Tensor, cutoff: float) -> None:
+    """Refuse structures that native neighbor-list code cannot handle safely.
+
+    Runs before any compiled library sees the input (after :func:`check_inputs`).
+    Raises :class:`NeighborListError` naming the system and the limit for
+    non-finite values, coordinates beyond :data:`MAX_COORDINATE`, extents or
+    cell vectors longer than :data:`MAX_SPAN_CUTOFFS` cutoffs, and periodic
+    cells so thin that more than :data:`MAX_PERIODIC_IMAGES` images would be searched.
+    """
+    R = positions.detach().cpu().double().numpy()
+    C = cell.detach().cpu().double().numpy()
+    Pb = pbc.cpu().numpy()
+    if not np.isfinite(R).all():
+        raise NeighborListError("positions contain NaN or infinite values")
+    if not np.isfinite(C).all():
+        raise NeighborListError("cell contains NaN or infinite values")
+    if R.size and float(np.abs(R).max()) > MAX_COORDINATE:
+        raise NeighborListError(
+            f"a coordinate of magnitude {float(np.abs(R).max()):.3g} exceeds the limit of {MAX_COORDINATE:g} "
+            "(length unit of the positions); center the structure or wrap it into its cell"
+        )
+    max_span = MAX_SPAN_CUTOFFS * cutoff
+    counts = n_atoms.cpu().numpy()
+    start = 0
+    for s, n in enumerate(counts.tolist()):
+        pos = R[start : start + n]
+        start += n
+        lengths = np.linalg.norm(C[s], axis=1)
+        for k in range(3):
+            if Pb[s, k] and lengths[k] > max_span:
+                raise NeighborListError(
+                    f"system {s}: periodic cell vector {k} is {lengths[k]:.3g} long, more than "
+                    f"{MAX_SPAN_CUTOFFS:g} cutoffs ({max_span:.3g}); such a cell is not supported"
+                )
+        if n and not Pb[s].all():
+            ext = pos.max(axis=0) - pos.min(axis=0)
+            span = float(np.linalg.norm(ext))
+            if span > max_span:
+                raise NeighborListError(
+                    f"system {s}: its atoms span {span:.3g}, more than {MAX_SPAN_CUTOFFS:g} cutoffs "
+                    f"({max_span:.3g}); an atom has flown off or the structure is not one system"
+                )
+        if Pb[s].any():
+            images = 1
+
+            for k in np.flatnonzero(Pb[s]).tolist():
+                others = [C[s, m] for m in np.flatnonzero(Pb[s]).tolist() if m != k]
+                if len(others) == 2:
+                    normal = np.cross(others[0], others[1])
+                    height = abs(float(C[s, k] @ normal)) / max(float(np.linalg.norm(normal)), 1e-300)
+                elif len(others) == 1:
+                    o = others[0] / max(float(np.linalg.norm(others[0])), 1e-300)
+                    height = float(np.linalg.norm(C[s, k] - (C[s, k] @ o) * o))
+                else:
+                    height = float(lengths[k])
+                if not height > SINGULAR_TOLERANCE * float(lengths[k]):
+                    continue  # degenerate: the cell completion raises the specific error
+                images *= 2 * math.ceil(cutoff / height) + 1
+                if images > MAX_PERIODIC_IMAGES:
+                    raise NeighborListError(
+                        f"system {s}: the periodic cell is too thin for cutoff {cutoff:g} (height {height:.3g} "
+                        f"along direction {k}); more than {MAX_PERIODIC_IMAGES} periodic images would be searched"
+                    )
+

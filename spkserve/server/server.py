@@ -132,7 +132,7 @@ def _private_unix_socket(path: str) -> socket.socket:
     try:
         sock.bind(tmp)
         os.chmod(tmp, 0o600)
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)
         os.rename(tmp, path)
     except BaseException:
         sock.close()
@@ -325,7 +325,9 @@ class ModelServer:
             self._address = cfg.unix_path
         else:
             try:
-                server = await asyncio.start_server(self._on_connect, host=cfg.host, port=cfg.port, reuse_address=True)
+                server = await asyncio.start_server(
+                    self._on_connect, host=cfg.host, port=cfg.port, reuse_address=True, backlog=socket.SOMAXCONN
+                )
             except OSError as err:
                 hint = " (port in use)" if err.errno == errno.EADDRINUSE else ""
                 raise ServerSetupError(f"cannot bind {cfg.host}:{cfg.port}{hint}: {err}") from err
