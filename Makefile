@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml setup.py
 
 setup: $(STAMP)
 
-# The main job on the embedded default: NVT MD of ethanol with the shipped PaiNN bundle.
+# The main job on the embedded default: NVT MD of ethanol with the shipped PaiNN bundle
+# (the default run is NVE, as in SchNetPack: the demo asks for its Langevin thermostat).
 demo: setup
 	$(BIN)/spkserve info spkserve/data/ethanol-painn.bundle
-	$(BIN)/spkmd simulation_dir=runs/demo-ethanol overwrite=true dynamics.n_steps=2000 dynamics/thermostat=langevin system.initializer.temperature=300
+	$(BIN)/spkmd simulation_dir=runs/demo-ethanol overwrite=true dynamics.n_steps=2000 +dynamics/thermostat=langevin system.initializer.temperature=300
 	$(BIN)/spkmd plot runs/demo-ethanol
 
 test: setup

@@ -47,8 +47,15 @@ def _fail(err: Exception) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Load a saved config (e.g. DIR/config.yaml); key=value overrides still apply.")
 @click.option("--config-dir", type=click.Path(file_okay=False), help="Extra directory with config groups (searched before the shipped ones).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
-def run(overrides: tuple[str, ...], config_file: str | None, config_dir: str | None, print_config: bool) -> None:
-    """Run or restart a simulation (overrides: key=value, group=option, +group=option, ~key)."""
+@click.option("--cfg", "-c", "cfg_kind", type=click.Choice(["job", "all", "hydra"]), default=None,
+              help="SchNetPack/hydra spelling: --cfg job (or all) prints the resolved config and exits.")
+def run(overrides: tuple[str, ...], config_file: str | None, config_dir: str | None, print_config: bool,
+        cfg_kind: str | None) -> None:
+    """Run or restart a simulation (overrides: key=value, group=option, +group=option, ~key;
+    SchNetPack spellings such as +dynamics/thermostat=pi_nhc_local or load_config=FILE work too)."""
+    if cfg_kind == "hydra":
+        raise click.UsageError("spkmd composes with hydra's Compose API and has no hydra section; use --cfg job")
+    print_config = print_config or cfg_kind is not None
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

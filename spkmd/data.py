@@ -107,18 +107,37 @@ class HDF5Loader:
             raise IndexError(f"molecule {molecule} out of range (the log has {self.n_molecules})")
         return slice(int(self.starts[molecule]), int(self.starts[molecule + 1]))
 
-    def get_property(self, name: str, molecule: int | None = 0, replica: int | None = None) -> np.ndarray:
+    def get_property(self, name: str, molecule: int | None = 0, replica: int | None = None,
+                     replica_idx: int | None = None, *, atomistic: bool | None = None,
+                     mol_idx: int | None = None) -> np.ndarray:
         """A logged property [T, ...] for one molecule (``None``: all molecules / atoms),
-        centroid (mean over replicas) unless ``replica`` is given."""
+        centroid (mean over replicas) unless ``replica`` is given.
+
+        SchNetPack's spelling ``get_property(name, atomistic, mol_idx, replica_idx)`` works too:
+        a bool in second place is ``atomistic`` (checked against how the property was logged;
+        here that is known, so it can be left out)."""
+        if isinstance(molecule, bool):  # SchNetPack order: (name, atomistic, mol_idx, replica_idx)
+            if atomistic is not None:
+                raise TypeError("atomistic given twice (second positional argument and keyword)")
+            atomistic, molecule, replica = molecule, (0 if replica is None else replica), replica_idx
+        elif replica_idx is not None:
+            raise TypeError("replica_idx (SchNetPack's 4th argument) goes with get_property(name, atomistic, mol_idx, "
+                            "replica_idx); here use get_property(name, molecule, replica)")
+        if mol_idx is not None:
+            molecule = mol_idx
         if name not in self._data:
             raise KeyError(f"{name!r} was not logged; available: {self.available}")
         x = self._data[name]
         if name in ("step", "time"):
             return x
         x = self._select_replica(x, replica)
+        per_atom = not (x.shape[1] == self.n_molecules and name not in ("positions", "velocities", "forces"))
+        if atomistic is not None and bool(atomistic) != per_atom:
+            raise ValueError(f"{name!r} is logged per {'atom' if per_atom else 'molecule'}, "
+                             f"but atomistic={atomistic} was given (leave atomistic out: it is known here)")
         if molecule is None:
             return x
-        if x.shape[1] == self.n_molecules and name not in ("positions", "velocities", "forces"):
+        if not per_atom:
             return x[:, molecule]
         return x[:, self.atoms_of(molecule)]
 

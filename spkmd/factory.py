@@ -107,7 +107,8 @@ def bundle_search_dirs() -> list[Path]:
 # ---------------------------------------------------------------------------------- system
 def build_system(cfg: dict, dtype: torch.dtype, device: str) -> System:
     """System from ``system`` config (momenta are set later by :func:`build_initializer`)."""
-    check_keys(cfg, {"molecule_file", "length_unit", "index", "n_molecules", "n_replicas", "initializer"}, "system")
+    check_keys(cfg, {"molecule_file", "length_unit", "index", "n_molecules", "n_replicas", "initializer",
+                     "load_system_state"}, "system")
     path = resolve_file(_required(cfg, "molecule_file", "system"), [config_root() / "system"], "molecule file")
     index = cfg.get("index", "-1")
     try:
@@ -228,6 +229,43 @@ def compile_choice(value: Any, n_steps: int | None) -> bool:
     raise ConfigError(f"calculator.compile must be true, false or auto, got {value!r}")
 
 
+#: outputs every calculator computes (SchNetPack lists them in ``required_properties``)
+ALWAYS_COMPUTED = ("energy", "forces")
+
+
+def _split_properties(cfg: dict) -> tuple[list[str], bool | None]:
+    """``calculator.properties`` without energy/forces; ``stress`` in the list means ``stress: true``."""
+    props = [str(p) for p in (cfg.get("properties") or []) if str(p) not in ALWAYS_COMPUTED]
+    stress = cfg.get("stress")
+    if "stress" in props:
+        props.remove("stress")
+        if stress is False:
+            raise ConfigError("calculator.properties lists stress but calculator.stress is false")
+        stress = True
+    return props, stress
+
+
+def check_model_units(cfg: dict, length_unit: str, energy_unit: str, where: str) -> None:
+    """``calculator.energy_unit`` / ``position_unit`` (SchNetPack keys) must agree with the units the
+    model states (a bundle always states them; the calculator converts from those)."""
+    from spkserve import units
+
+    for key, stated, ref in (("position_unit", length_unit, "Angstrom"), ("energy_unit", energy_unit, "eV")):
+        given = cfg.get(key)
+        if given is None:
+            continue
+        try:
+            units.check_dimension(str(given), ref)
+            same = abs(units.factor(str(given), stated) - 1.0) < 1e-9
+        except units.UnitError as err:
+            raise ConfigError(f"calculator.{key}={given!r}: {err}") from None
+        if not same:
+            raise ConfigError(
+                f"calculator.{key}={given!r} disagrees with {where}, which states {stated!r}; the model's own "
+                f"units are used (conversion is automatic): remove calculator.{key} or set it to {stated!r}"
+            )
+
+
 def build_calculator(
     cfg: dict, system: System, dtype: torch.dtype, device: str, simulation_dir: Path, n_steps: int | None = None
 ) -> Calculator:
@@ -235,7 +273,8 @@ def build_calculator(
     kind = _required(cfg, "type", "calculator")
     dt_name = "float64" if dtype == torch.float64 else "float32"
     if kind == "bundle":
-        check_keys(cfg, {"type", "model_file", "neighbor_list", "properties", "stress", "compile"}, "calculator")
+        check_keys(cfg, {"type", "model_file", "neighbor_list", "properties", "stress", "compile", "energy_unit",
+                         "position_unit"}, "calculator")
         try:
             path = resolve_file(_required(cfg, "model_file", "calculator"), bundle_search_dirs(), "model bundle")
         except FileNotFoundError as err:
@@ -243,24 +282,38 @@ def build_calculator(
                 f"{err}; give calculator.model_file=PATH (a bundle from spktrain or `spkserve reference`), "
                 "or calculator=reference for a harmonic-bond stand-in potential"
             ) from None
-        return BundleCalculator(path, dtype=dt_name, device=device, properties=list(cfg.get("properties") or []),
-                                stress=cfg.get("stress"), compile=compile_choice(cfg.get("compile", "auto"), n_steps),
+        props, stress = _split_properties(cfg)
+        calc = BundleCalculator(path, dtype=dt_name, device=device, properties=props,
+                                stress=stress, compile=compile_choice(cfg.get("compile", "auto"), n_steps),
                                 **_neighbor_kw(cfg, "calculator"))
+        b = calc.provider.bundle
+        check_model_units(cfg, b.length_unit, b.energy_unit, f"the bundle {path.name}")
+        return calc
     if kind == "ensemble":
         check_keys(cfg, {"type", "model_files", "neighbor_list", "properties", "threshold_energy", "threshold_forces",
-                         "on_exceed", "uncertain_frames_file"}, "calculator")
+                         "on_exceed", "uncertain_frames_file", "energy_unit", "position_unit"}, "calculator")
         files = [resolve_file(f, bundle_search_dirs(), "model bundle") for f in _required(cfg, "model_files", "calculator")]
+        from spkserve.bundle import read_metadata
+
+        for f in files:
+            m = read_metadata(f)
+            check_model_units(cfg, m["units"]["length"], m["units"]["energy"], f"the bundle {f.name}")
         out = cfg.get("uncertain_frames_file")
+        props, _ = _split_properties(cfg)
         return EnsembleCalculator(
-            files, properties=list(cfg.get("properties") or []), threshold_energy_eV=cfg.get("threshold_energy"),
+            files, properties=props, threshold_energy_eV=cfg.get("threshold_energy"),
             threshold_forces_eV_per_angstrom=cfg.get("threshold_forces"), on_exceed=cfg.get("on_exceed", "flag"),
             uncertain_frames_file=None if out is None else simulation_dir / out, dtype=dt_name, device=device,
             **_neighbor_kw(cfg, "calculator"),
         )
     if kind == "provider":
-        check_keys(cfg, {"type", "provider", "params", "properties", "stress"}, "calculator")
+        check_keys(cfg, {"type", "provider", "params", "properties", "stress", "energy_unit", "position_unit"},
+                   "calculator")
         provider = load_provider(_required(cfg, "provider", "calculator"), **dict(cfg.get("params") or {}))
-        return ProviderCalculator(provider, properties=list(cfg.get("properties") or []), stress=cfg.get("stress"))
+        # the ForceProvider contract is Å and eV
+        check_model_units(cfg, "Angstrom", "eV", "the force-provider contract (spkserve.provider)")
+        props, stress = _split_properties(cfg)
+        return ProviderCalculator(provider, properties=props, stress=stress)
     if kind == "reference_bonds":
         check_keys(cfg, {"type", "k"}, "calculator")
         path = reference_bonds_bundle(system, simulation_dir / "reference_bonds.bundle", float(cfg.get("k", 20.0)))
@@ -282,6 +335,11 @@ def build_callbacks(cfg: dict, simulation_dir: Path, n_steps: int) -> list[Hook]
         c = dict(cfg["hdf5"])
         check_keys(c, {"file", "every_n_steps", "buffer_size", "positions", "velocities", "forces", "float64", "properties"},
                    "callbacks.hdf5")
+        if c.get("properties") is not None:  # energy is always logged; forces by the forces flag
+            wanted = [str(p) for p in c["properties"]]
+            if "forces" in wanted:
+                c["forces"] = True
+            c["properties"] = [p for p in wanted if p not in ALWAYS_COMPUTED]
         hooks.append(FileLogger(simulation_dir / c.pop("file", "simulation.hdf5"), **c))
     if cfg.get("tensorboard") is not None:
         c = dict(cfg["tensorboard"])

@@ -31,18 +31,20 @@ from spkmd.factory import (
     build_thermostat,
     check_keys,
     config_root,
+    resolve_file,
 )
-from spkmd.simulator import Simulator
+from spkmd.aliases import translate_overrides
+from spkmd.simulator import Simulator, load_state
 from spkmd.thermostats import Thermostat
 
 CONFIG_NAME = "config"
 TOP_LEVEL_KEYS = {"calculator", "system", "dynamics", "callbacks", "simulation_dir", "device", "precision", "seed",
-                  "overwrite", "num_threads", "plots"}
+                  "overwrite", "num_threads", "plots", "restart"}
 SAVED_CONFIG = "config.yaml"
 #: with num_threads null, systems with fewer atoms × replicas than this run on one thread
 SMALL_SYSTEM_ATOMS = 200
 _TOP_LEVEL_DEFAULTS = {"device": "cpu", "precision": 64, "seed": None, "overwrite": False, "num_threads": None,
-                       "plots": True, "callbacks": {}}
+                       "plots": True, "callbacks": {}, "restart": None}
 
 
 def _default_groups(config_dir: Path) -> set[str]:
@@ -74,7 +76,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     from omegaconf.errors import OmegaConfBaseException
 
     root = config_root()
-    overrides = _normalise_overrides(list(overrides), _default_groups(root))
+    overrides = _normalise_overrides(translate_overrides(list(overrides)), _default_groups(root))
     if config_dir is not None:
         d = Path(config_dir).resolve()
         if not d.is_dir():
@@ -105,7 +107,7 @@ def _apply_plain(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
     OmegaConf.set_struct(cfg, True)
     try:
-        for o in _plain_overrides(overrides):
+        for o in _plain_overrides(translate_overrides(list(overrides))):
             key, value = o.split("=", 1)
             OmegaConf.update(cfg, key, OmegaConf.create({"v": value} if value == "" else f"v: {value}").v, merge=False)
     except OmegaConfBaseException as err:
@@ -133,8 +135,17 @@ def load_config(
     config_dir: str | Path | None = None,
 ) -> DictConfig:
     """The config of a run: ``config_file`` (+ key=value overrides), else the saved config of a
-    ``simulation_dir`` that holds a checkpoint (restart), else configs/md composed with ``overrides``."""
+    ``simulation_dir`` that holds a checkpoint (restart), else configs/md composed with ``overrides``.
+
+    ``load_config=FILE`` among the overrides is SchNetPack's spelling of ``config_file``; the
+    ``simulation_dir`` of the command line replaces the one in the file."""
     overrides = list(overrides)
+    loads = [o for o in overrides if o.startswith("load_config=")]
+    if loads:
+        if config_file is not None or len(loads) > 1:
+            raise ConfigError("give one config file: load_config=FILE or --config FILE, not both")
+        config_file = loads[0].split("=", 1)[1]
+        overrides = [o for o in overrides if not o.startswith("load_config=")]
     if config_file is not None:
         p = Path(config_file)
         if not p.is_file():
@@ -188,6 +199,46 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def load_system_state(system, path: str | Path) -> None:
+    """Replace the state of ``system`` (positions, momenta, cells, ...) by the system saved in the
+    checkpoint ``path`` (SchNetPack's ``system.load_system_state``); the layout must agree."""
+    state = load_state(path)
+    if not isinstance(state, dict) or "system" not in state:
+        raise ConfigError(f"{path} is not an spkmd checkpoint (no system state in it)")
+    saved = state["system"]
+    for name in ("atomic_numbers", "n_atoms"):
+        mine, theirs = getattr(system, name).cpu(), saved[name].cpu()
+        if mine.shape != theirs.shape or not bool((mine == theirs).all()):
+            raise ConfigError(
+                f"system.load_system_state={path}: its {name} {theirs.tolist()} differ from the configured "
+                f"system's {mine.tolist()}; give the molecule_file/n_molecules the checkpoint was written with"
+            )
+    if tuple(saved["positions"].shape) != tuple(system.positions.shape):
+        raise ConfigError(
+            f"system.load_system_state={path}: positions of shape {tuple(saved['positions'].shape)} "
+            f"(replicas, atoms, 3), the configured system has {tuple(system.positions.shape)}; set system.n_replicas"
+        )
+    system.load_state_dict(saved)
+
+
+def _carry_log(c: dict, checkpoint: Path, sim_dir: Path) -> None:
+    """An explicit ``restart=CKPT`` into a directory without the run's HDF5 log copies the log
+    found next to the checkpoint (the logger continues it)."""
+    hdf5 = (c.get("callbacks") or {}).get("hdf5")
+    if hdf5 is None:
+        return
+    name = hdf5.get("file", "simulation.hdf5")
+    dst, src = sim_dir / name, checkpoint.parent / name
+    if dst.exists():
+        return
+    if not src.is_file():
+        raise ConfigError(
+            f"restart={checkpoint}: the run's log {src} is not next to the checkpoint; copy it to {dst}, "
+            "or start a new run from the checkpoint's state with system.load_system_state=CHECKPOINT"
+        )
+    shutil.copy2(src, dst)
+
+
 def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
     """Build the simulator from a resolved config; returns (simulator, restarted)."""
     sim_dir = Path(cfg.simulation_dir)
@@ -203,6 +254,9 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
         torch.set_num_threads(1)  # intra-op threads only cost time on tiny tensors
     ck = checkpoint_path(cfg)
     restart = ck is not None and ck.is_file() and not c.get("overwrite", False)
+    if c.get("restart") is not None:  # SchNetPack's restart=CHECKPOINT: continue from this file
+        ck = resolve_file(c["restart"], [sim_dir], "restart checkpoint")
+        restart = True
     if not restart:
         if c.get("overwrite", False) and sim_dir.exists():
             for name in (ck, sim_dir / (c["callbacks"].get("hdf5") or {}).get("file", "simulation.hdf5")):
@@ -210,6 +264,8 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
                     Path(name).unlink()
             shutil.rmtree(sim_dir / "plots", ignore_errors=True)
     sim_dir.mkdir(parents=True, exist_ok=True)
+    if restart and c.get("restart") is not None:
+        _carry_log(c, ck, sim_dir)
     dyn = dict(c["dynamics"])
     check_keys(dyn, {"n_steps", "integrator", "thermostat", "barostat"}, "dynamics")
     integrator = build_integrator(dict(dyn.get("integrator") or {"type": "verlet", "time_step": 0.5}), system)
@@ -228,13 +284,18 @@ def build_simulation(cfg: DictConfig) -> tuple[Simulator, bool]:
         seed = random.SystemRandom().randrange(2**31)
         cfg.seed = seed
     sim = Simulator(system, integrator, calculator, hooks=hooks, seed=int(seed))
+    state_file = system_cfg.get("load_system_state")
     if restart:
         sim.load_checkpoint(ck)
+    elif state_file is not None:  # positions, momenta, cells from a checkpoint; step 0, fresh hooks
+        load_system_state(system, resolve_file(state_file, [sim_dir], "system state checkpoint"))
     elif init_cfg is not None:
         # a per-atom thermostat thermalises (and counts) the COM modes: start them at T as well
         com_thermalised = any(isinstance(h, Thermostat) and h.acts_per_atom for h in hooks)
         build_initializer(dict(init_cfg))(system, sim.generator, com_thermalised=com_thermalised,
                                           temperature_factor=integrator.kinetic_temperature_factor(system))
+    if cfg.get("restart") is not None:
+        cfg.restart = None  # the next restart of this directory uses its own checkpoint
     OmegaConf.save(cfg, sim_dir / SAVED_CONFIG)  # resolved seed; on restart e.g. a raised n_steps
     return sim, restart
 

@@ -260,7 +260,14 @@ def test_datamodule_split_file_reuse_and_fingerprint(ethanol_db, tmp_path):
     dm.setup()
     assert split.exists()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (100, 20, 20)
-    dm2 = AtomsDataModule(ethanol_db, 8, 50, 50, split_file=split, seed=99)  # sizes/seed ignored: file wins
+    # a reused split file whose sizes disagree with num_train/num_val is an error naming both
+    bad = AtomsDataModule(ethanol_db, 8, 50, 20, split_file=split, seed=99)
+    with pytest.raises(AtomsDataError, match=r"has 100 train systems but data.num_train=50 asks for 50"):
+        bad.setup()
+    bad = AtomsDataModule(ethanol_db, 8, 100, 0.5, split_file=split, seed=99)
+    with pytest.raises(AtomsDataError, match=r"has 20 val systems but data.num_val=0.5"):
+        bad.setup()
+    dm2 = AtomsDataModule(ethanol_db, 8, 100, 20, split_file=split, seed=99)  # same sizes: the file wins over the seed
     dm2.setup()
     np.testing.assert_array_equal(dm2.train_idx, dm.train_idx)
     np.testing.assert_array_equal(dm2.test_idx, dm.test_idx)

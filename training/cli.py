@@ -43,9 +43,16 @@ def _fail(err: Exception) -> None:
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None,
               help="Extra directory of configs (its groups become selectable; a train.yaml there replaces ours).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
-def train(overrides: tuple[str, ...], config_dir: str | None, print_config: bool) -> None:
-    """Train with the config composed from OVERRIDES (key=value, group=option, +key=value, ~key)."""
+@click.option("--cfg", "-c", "cfg_kind", type=click.Choice(["job", "all", "hydra"]), default=None,
+              help="SchNetPack/hydra spelling: --cfg job (or all) prints the resolved config and exits.")
+def train(overrides: tuple[str, ...], config_dir: str | None, print_config: bool, cfg_kind: str | None) -> None:
+    """Train with the config composed from OVERRIDES (key=value, group=option, +key=value, ~key;
+    SchNetPack's model.representation.KEY=... and model/representation/radial_basis=... work too)."""
     from training.config import ConfigError, compose_config, resolve, to_yaml
+
+    if cfg_kind == "hydra":
+        raise click.UsageError("spktrain composes with hydra's Compose API and has no hydra section; use --cfg job")
+    print_config = print_config or cfg_kind is not None
 
     bad = [o for o in overrides if o.startswith("-")]
     if bad:

@@ -38,6 +38,31 @@ def builtin_config_dir() -> Path:
         raise
 
 
+#: SchNetPack's override prefixes -> ours (its model config nests representation params directly)
+KEY_PREFIX_ALIASES: dict[str, str] = {
+    "model.representation.": "model.params.representation.params.",
+}
+#: SchNetPack's radial-basis group (model/representation/radial_basis=NAME) -> our representation key
+RADIAL_BASIS_GROUP = "model/representation/radial_basis"
+RADIAL_BASES = ("gaussian", "gaussian_centered", "bessel")
+
+
+def translate_override(override: str) -> str:
+    """Our spelling of one override in SchNetPack's (``model.representation.n_atom_basis=64``,
+    ``model/representation/radial_basis=bessel``); ours pass unchanged."""
+    prefix = override[: len(override) - len(override.lstrip("+~"))]
+    body = override[len(prefix):]
+    if body.startswith(RADIAL_BASIS_GROUP + "="):
+        name = body.split("=", 1)[1]
+        if name not in RADIAL_BASES:
+            raise ConfigError(f"{override!r}: unknown radial basis {name!r}; known: {list(RADIAL_BASES)}")
+        return f"model.params.representation.params.radial_basis={name}"
+    for theirs, ours in KEY_PREFIX_ALIASES.items():
+        if body.startswith(theirs):
+            return prefix + ours + body[len(theirs):]
+    return override
+
+
 def compose_config(
     overrides: Sequence[str] = (), config_dir: str | Path | None = None, config_name: str = PRIMARY_CONFIG
 ) -> DictConfig:
@@ -47,7 +72,7 @@ def compose_config(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
+    overrides = [translate_override(o) for o in overrides]
     primary_dir = builtin_config_dir()
     if config_dir is not None:
         user = Path(config_dir).expanduser().resolve()

@@ -246,7 +246,7 @@ class ASEAtomsData(torch.utils.data.Dataset):
 
     def add_systems(
         self,
-        atoms_list: Sequence[Any],
+        atoms_list: Sequence[Any] | None = None,
         property_list: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Append systems (``ase.Atoms``) with their properties.
@@ -256,6 +256,11 @@ class ASEAtomsData(torch.utils.data.Dataset):
         ``dipole`` as ``dipole_moment``). Every property in the metadata must be
         given; values are checked (shape, NaN) before anything is written.
         """
+        if atoms_list is None:  # SchNetPack: add_systems(property_list=[...]) with the structure in the dicts
+            atoms_list, property_list = property_list, None
+        if atoms_list is None:
+            raise TypeError("add_systems needs atoms_list (and property_list, or results on atoms.calc)")
+        atoms_list, property_list = _schnetpack_order(atoms_list, property_list)
         if property_list is not None and len(property_list) != len(atoms_list):
             raise ValueError(f"{len(atoms_list)} systems but {len(property_list)} property dicts")
         db_units = self.db_property_units
@@ -556,6 +561,40 @@ class ASEAtomsData(torch.utils.data.Dataset):
             f"ASEAtomsData({str(self.path)!r}, n={len(self)}, properties={self.load_properties}, "
             f"units={self.property_units}, distance_unit={self.distance_unit!r})"
         )
+
+
+#: SchNetPack's structure keys in a property dict (``add_systems(property_list)`` without atoms)
+_STRUCTURE_KEYS = ("_atomic_numbers", "_positions", "_cell", "_pbc")
+
+
+def _schnetpack_order(atoms_list, property_list):
+    """Accept SchNetPack's ``add_systems(property_list, atoms_list=None)``: dicts first, and
+    without atoms the structure from the dicts' ``_atomic_numbers``/``_positions``[/``_cell``/``_pbc``]."""
+    from ase import Atoms
+
+    def dicts(x) -> bool:
+        return x is not None and len(x) > 0 and all(isinstance(p, Mapping) for p in x)
+
+    if not dicts(atoms_list):
+        return atoms_list, property_list
+    props = [dict(p) for p in atoms_list]
+    if property_list is not None:  # (property_list, atoms_list) positionally
+        return property_list, props
+    atoms = []
+    for k, p in enumerate(props):
+        if "_atomic_numbers" not in p or "_positions" not in p:
+            raise AtomsDataError(
+                f"add_systems: property dict {k} has no structure (_atomic_numbers, _positions); give "
+                "add_systems(atoms_list, property_list) or SchNetPack's add_systems(property_list, atoms_list)"
+            )
+        cell = p.pop("_cell", None)
+        pbc = p.pop("_pbc", None)
+        atoms.append(Atoms(numbers=np.asarray(p.pop("_atomic_numbers")).reshape(-1),
+                           positions=np.asarray(p.pop("_positions")).reshape(-1, 3),
+                           cell=None if cell is None else np.asarray(cell).reshape(3, 3),
+                           pbc=False if pbc is None else np.asarray(pbc).reshape(-1)))
+        props[k] = p
+    return atoms, props
 
 
 def _check_unit(unit: str, like: str, what: str) -> None:

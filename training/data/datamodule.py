@@ -16,7 +16,7 @@ from spkserve import keys
 
 from .atoms_db import IDX, ASEAtomsData, AtomsDataError, Transform
 from .collate import collate_atoms
-from .splits import load_split, make_split, save_split
+from .splits import check_split_sizes, load_split, make_split, save_split
 from .stats import fit_offsets, property_stats
 from .transforms import NeighborList, RemoveOffsets, check_cutoff
 
@@ -142,6 +142,7 @@ class AtomsDataModule(pl.LightningDataModule):
         split = None
         if self.split_file is not None and self.split_file.exists():
             split = load_split(self.split_file, len(ds))
+            check_split_sizes(self.split_file, split, len(ds), self.num_train, self.num_val)
         if split is None:
             split = make_split(
                 len(ds), self.num_train, self.num_val, self.num_test, self.split_mode, self.seed, self.split_gap

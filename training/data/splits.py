@@ -112,3 +112,23 @@ def load_split(path: str | os.PathLike, n_total: int) -> Split:
     if overlap:
         raise AtomsDataError(f"split file {path}: {overlap} indices are both in training and in val/test")
     return parts[0], parts[1], parts[2]
+
+
+def check_split_sizes(path: str | os.PathLike, split: Split, n_total: int, num_train: int | float | None,
+                      num_val: int | float | None) -> None:
+    """A reused split file must hold the requested ``num_train``/``num_val`` (counts or fractions
+    of ``n_total``); otherwise raise naming both (SchNetPack reuses such files silently)."""
+    for name, value, idx in (("num_train", num_train, split[0]), ("num_val", num_val, split[1])):
+        if value is None:
+            continue
+        try:
+            want = resolve_count(value, n_total, name, n_total)
+        except AtomsDataError:
+            want = None
+        if want != len(idx):
+            raise AtomsDataError(
+                f"split file {path} has {len(idx)} {name[4:]} systems but data.{name}={value!r} asks for "
+                f"{want if want is not None else 'an impossible number of'}; give the sizes of the file "
+                f"(data.num_train={len(split[0])} data.num_val={len(split[1])}), or another data.split_file "
+                "(a new one is written) to draw a new split"
+            )
