@@ -366,6 +366,12 @@ class EnsembleCalculator(Calculator):
                 self.members.append(BundleCalculator(m, properties=properties, **bundle_kwargs))
             else:
                 self.members.append(ProviderCalculator(m, properties=properties))
+        from spkserve.ensemble import check_compatible
+
+        # different species or units in one committee: refused (EnsembleError names the member)
+        metas = [getattr(m.provider, "metadata", None) for m in self.members]
+        if all(metas):  # bundle members; other providers describe themselves differently
+            check_compatible(metas, [getattr(m, "model_file", repr(m.provider)) for m in self.members])
         self.properties = tuple(properties)
         self.threshold_energy = None if threshold_energy_eV is None else threshold_energy_eV * units.factor("eV", "Hartree")
         self.threshold_forces = (

@@ -249,7 +249,11 @@ def build_calculator(
     if kind == "ensemble":
         check_keys(cfg, {"type", "model_files", "neighbor_list", "properties", "threshold_energy", "threshold_forces",
                          "on_exceed", "uncertain_frames_file"}, "calculator")
-        files = [resolve_file(f, bundle_search_dirs(), "model bundle") for f in _required(cfg, "model_files", "calculator")]
+        from spkserve.ensemble import member_paths
+
+        given = _required(cfg, "model_files", "calculator")
+        given = [given] if isinstance(given, str) else list(given)  # a manifest from `spktrain ensemble` or bundles
+        files = member_paths([resolve_file(f, bundle_search_dirs(), "model bundle") for f in given])
         out = cfg.get("uncertain_frames_file")
         return EnsembleCalculator(
             files, properties=list(cfg.get("properties") or []), threshold_energy_eV=cfg.get("threshold_energy"),
