@@ -45,9 +45,23 @@ def main() -> None:
     ap.add_argument("--md-steps", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "active_learning.md"))
     ap.add_argument("--extra", nargs="*", default=[], help="further loop overrides key=value")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the results from WORK/seed_*/rounds.json")
     args = ap.parse_args()
 
     from training.active_learning import load_config, run_loop
+
+    if args.report_only:
+        from omegaconf import OmegaConf
+
+        runs = []
+        for seed in args.seeds:
+            d = Path(args.work) / f"seed_{seed}"
+            log = json.loads((d / "rounds.json").read_text())
+            secs = sum(e.get("seconds", 0.0) for e in log["rounds"])
+            runs.append({"seed": seed, "rounds": log["rounds"], "seconds": secs, "cfg": OmegaConf.load(d / "config.yaml")})
+        loads = [Path(args.work, "loadavg.txt").read_text().strip()] if Path(args.work, "loadavg.txt").exists() else ["n/a"]
+        write_results(runs, args, sum(r["seconds"] for r in runs), loads)
+        return
 
     cfg_file = ROOT / "configs" / "active_learning" / "ethanol_tblite.yaml"
     runs = []
@@ -65,6 +79,7 @@ def main() -> None:
         runs.append({"seed": seed, "rounds": res["rounds"], "seconds": time.perf_counter() - t,
                      "wall_this_call": log.get("wall_seconds_this_call"), "cfg": cfg})
         loads.append(_loadavg())
+    Path(args.work, "loadavg.txt").write_text("; ".join(loads))
     total = time.perf_counter() - t0
     write_results(runs, args, total, loads)
 
@@ -93,7 +108,8 @@ def write_results(runs, args, total_s: float, loads) -> None:
         f"MD per round: {cfg.md.replicas} molecules side by side, {cfg.md.n_steps} steps of {cfg.md.time_step_fs} fs "
         f"Langevin at {cfg.md.temperature_K} K with the committee (spkmd), frames every {cfg.md.log_every_n_steps} steps. "
         f"Selection: top {args.top_k} by max per-atom force spread, >= {cfg.selection.threshold_forces} eV/Å, "
-        f"{cfg.selection.min_separation_fs} fs apart per molecule, first {cfg.selection.skip_fs} fs skipped. "
+        f"{cfg.selection.min_separation_fs} fs apart per molecule, first {cfg.selection.skip_fs} fs skipped, "
+        f"a molecule's frames after its spread first reached {cfg.selection.get('max_forces')} eV/Å not used. "
         "Random baseline: the same number of frames per round drawn uniformly from the same MD logs, labelled the same way, "
         "committee trained with the same seeds.",
         "",

@@ -40,6 +40,14 @@ def test_select_frames_threshold_topk_and_time_separation():
     assert select_frames(spread, time_fs, threshold=5.0, top_k=10) == []
     with pytest.raises(ValueError):
         select_frames(spread, time_fs)
+    # max_spread: molecule 0 reaches 0.95 at t=3, so its later frames (t=4, t=9) are not used
+    assert select_frames(spread, time_fs, threshold=0.1, top_k=None, max_spread=0.95) == [(4, 1)]
+    from training.active_learning import random_frames, trusted_mask
+
+    mask = trusted_mask(spread, 0.95)
+    assert mask[:3, 0].all() and not mask[3:, 0].any() and mask[:6, 1].all() and not mask[6:, 1].any()  # NaN at t=6
+    picks = random_frames(10, 2, 9, seed=3, allowed=mask)
+    assert len(set(picks)) == 9 and all(mask[t, m] for t, m in picks)
 
 
 def test_spearman():

@@ -13,7 +13,8 @@ so an interrupted loop resumes where it stopped:
    by side (any integrator/thermostat via ``md.overrides``); the HDF5 log (positions and
    ``forces_uncertainty`` every ``md.log_every_n_steps``) is the candidate pool;
 5. ``selected.json``: :func:`select_frames` (force-spread threshold and/or top-k, minimum
-   time separation per molecule); a threshold that selects nothing is logged and the loop goes on;
+   time separation per molecule; with ``selection.max_forces`` a molecule's frames after its spread
+   first reached that bound are dropped: the trajectory left what the committee can follow); a threshold that selects nothing is logged and the loop goes on;
 6. ``labels/``: one file per labelled frame (written atomically), ``failed.json`` for frames
    the reference could not label (exception or non-finite result: logged, skipped). On resume
    only frames with neither are computed.
@@ -64,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
                   "min_epochs": 5, "val_fraction": 0.1, "overrides": []},
     "md": {"replicas": 4, "n_steps": 2000, "time_step_fs": 0.5, "temperature_K": 500.0,
            "log_every_n_steps": 10, "stop_forces_spread": None, "overrides": [], "command": None},
-    "selection": {"threshold_forces": None, "top_k": 50, "min_separation_fs": 25.0, "skip_fs": 0.0},
+    "selection": {"threshold_forces": None, "top_k": 50, "min_separation_fs": 25.0, "skip_fs": 0.0,
+                  "max_forces": None},
     "reference": {"_target_": "???"},
     "baseline": {"random": False},
 }
@@ -194,6 +196,7 @@ def select_frames(
     top_k: int | None = None,
     min_separation_fs: float = 0.0,
     skip_fs: float = 0.0,
+    max_spread: float | None = None,
 ) -> list[tuple[int, int]]:
     """Pick uncertain frames from an MD log.
 
@@ -204,6 +207,8 @@ def select_frames(
         top_k: keep at most this many (largest spread first; None: all above the threshold).
         min_separation_fs: two selected frames of the same molecule are at least this far apart in time.
         skip_fs: ignore frames before this time (equilibration).
+        max_spread: a molecule whose spread reaches this has left the region the committee can
+            follow (e.g. a bond broke); its frames from then on are not used (:func:`trusted_mask`).
     Returns:
         ``[(t, m), ...]`` ordered by decreasing spread. Non-finite spreads are never selected.
     """
@@ -213,7 +218,7 @@ def select_frames(
         raise ValueError(f"spread must be [T, M] with T = len(time_fs) = {len(time_fs)}, got {spread.shape}")
     if threshold is None and top_k is None:
         raise ValueError("give a threshold and/or top_k")
-    ok = np.isfinite(spread) & (time_fs[:, None] >= skip_fs)
+    ok = trusted_mask(spread, max_spread) & (time_fs[:, None] >= skip_fs)
     if threshold is not None:
         ok &= spread >= threshold
     t_idx, m_idx = np.nonzero(ok)
@@ -232,11 +237,23 @@ def select_frames(
     return chosen
 
 
+def trusted_mask(spread: np.ndarray, max_spread: float | None = None) -> np.ndarray:
+    """[T, M] bool: finite spread, and (with ``max_spread``) before the molecule first reached ``max_spread``."""
+    spread = np.asarray(spread, dtype=np.float64)
+    ok = np.isfinite(spread)
+    if max_spread is not None:
+        over = ~ok | (spread >= max_spread)
+        ok &= np.cumsum(over, axis=0) == 0
+    return ok
+
+
 def random_frames(n_steps: int, n_molecules: int, n: int, seed: int, exclude: Sequence[tuple[int, int]] = (),
-                  time_fs: np.ndarray | None = None, skip_fs: float = 0.0) -> list[tuple[int, int]]:
-    """``n`` distinct (t, m) frames drawn uniformly (without replacement) from an MD log."""
+                  time_fs: np.ndarray | None = None, skip_fs: float = 0.0,
+                  allowed: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """``n`` distinct (t, m) frames drawn uniformly (without replacement) from an MD log
+    (only where ``allowed`` [T, M] is true, e.g. :func:`trusted_mask`)."""
     rng = np.random.default_rng(seed)
-    allowed = np.ones((n_steps, n_molecules), dtype=bool)
+    allowed = np.ones((n_steps, n_molecules), dtype=bool) if allowed is None else np.array(allowed, dtype=bool)
     if time_fs is not None:
         allowed &= (np.asarray(time_fs) >= skip_fs)[:, None]
     for t, m in exclude:
@@ -528,10 +545,14 @@ def run_loop(cfg: DictConfig, progress: Callable[[str], None] | None = None) -> 
             picks = [tuple(p) for p in json.loads(sel_file.read_text())]
         else:
             picks = select_frames(md["spread"], md["time_fs"], s.threshold_forces, s.top_k,
-                                  float(s.min_separation_fs), float(s.skip_fs))
+                                  float(s.min_separation_fs), float(s.skip_fs), s.max_forces)
             _atomic_write(sel_file, json.dumps(picks))
         entry["md_frames"] = int(md["spread"].size)
         entry["md_max_spread"] = float(np.nanmax(md["spread"])) if md["spread"].size else float("nan")
+        entry["md_trusted_frames"] = int(trusted_mask(md["spread"], s.max_forces).sum())
+        if entry["md_trusted_frames"] < entry["md_frames"]:
+            say(f"  {entry['md_frames'] - entry['md_trusted_frames']} MD frames not used: their molecule had reached "
+                f"selection.max_forces={s.max_forces} eV/Å")
         if not picks:
             say(f"  selection: no frame above threshold_forces={s.threshold_forces} eV/Å "
                 f"(largest spread {entry['md_max_spread']:.3f}); nothing to label this round, continuing")
@@ -552,7 +573,8 @@ def run_loop(cfg: DictConfig, progress: Callable[[str], None] | None = None) -> 
                 rpicks = [tuple(p) for p in json.loads(rsel.read_text())]
             else:
                 rpicks = random_frames(md["spread"].shape[0], md["spread"].shape[1], len(new), int(cfg.seed) + 1000 + r,
-                                       time_fs=md["time_fs"], skip_fs=float(s.skip_fs))
+                                       time_fs=md["time_fs"], skip_fs=float(s.skip_fs),
+                                       allowed=trusted_mask(md["spread"], s.max_forces))
                 _atomic_write(rsel, json.dumps(rpicks))
             rframes, rids = _frames_from_log(md, rpicks, r, "rand_")
             rres = label_frames(rframes, rids, reference, rdir / "random_labels", rdir / "random_failed.json", say)
