@@ -434,3 +434,29 @@ def test_ensemble_options_and_bootstrap_split(tmp_path):
     assert not np.array_equal(a[0], b[0])  # members get different resamples
     np.testing.assert_array_equal(a[1], val)
     np.testing.assert_array_equal(a[2], test)
+
+
+def test_spkmd_ensemble_switches_to_the_reference_for_flagged_molecules(committee):
+    import torch
+    from ase.calculators.lj import LennardJones
+
+    from spkmd.calculators import EnsembleCalculator
+    from spkmd.system import System
+    from spkserve import units
+
+    _, members = committee
+    near = _water()
+    far = Atoms("OH2", positions=[[0, 0, 0], [7.0, 0, 0], [0, 7.5, 0]])  # beyond the 5 Å cutoff: no spread
+    system = System.from_atoms([near, far], 1, "Angstrom", torch.float64, "cpu")
+    ref = LennardJones(sigma=1.0, epsilon=0.1, rc=3.0)
+    calc = EnsembleCalculator(members, threshold_energy_eV=1e-4, on_exceed="reference", reference=ref, dtype="float64")
+    calc.calculate(system)
+    assert system.properties["reference_used"].tolist() == [[1.0, 0.0]]
+    a = near.copy()
+    a.calc = LennardJones(sigma=1.0, epsilon=0.1, rc=3.0)
+    to_eV, to_eVA = units.factor("Hartree", "eV"), units.factor("Hartree/Bohr", "eV/Angstrom")
+    np.testing.assert_allclose(system.forces[0, :3].numpy() * to_eVA, a.get_forces(), rtol=1e-9, atol=1e-12)
+    assert float(system.energy[0, 0]) * to_eV == pytest.approx(a.get_potential_energy(), rel=1e-9)
+    np.testing.assert_allclose(system.forces[0, 3:].numpy(), 0.0, atol=1e-12)  # unflagged: committee mean (zero here)
+    with pytest.raises(ValueError, match="reference"):
+        EnsembleCalculator(members, on_exceed="reference")
