@@ -1,9 +1,10 @@
 """Active learning vs random frames from the same MD, on ethanol with GFN2-xTB (tblite).
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning.py [--rounds 4 --top-k 63 --seeds 0 --work runs/bench_al]
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds 3 --top-k 84 --steps-per-model 800 \
+        --md-steps 1500 --extra committee.n_models=3 selection.min_separation_fs=20     # the recorded run
 
 Starts from 50 frames of ``../shared/data/xtb/ethanol_gfn2xtb_500K.extxyz``, runs
-``configs/active_learning/ethanol_tblite.yaml`` (committees of 4 small SchNets, 4 molecules of MD
+``configs/active_learning/ethanol_tblite.yaml`` (committees of small SchNets, 4 molecules of MD
 at 500 K per round, top-k uncertain frames per round labelled with tblite GFN2-xTB) with
 ``baseline.random=true``: every round the same number of frames is also drawn uniformly from the
 same MD, labelled, and a second committee is trained on those. Both are evaluated on 500
@@ -67,6 +68,8 @@ def main() -> None:
     runs = []
     loads = [_loadavg()]
     t0 = time.perf_counter()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    Path(args.work, "command.txt").write_text(_command(args) + "\n")
     for seed in args.seeds:
         cfg = load_config(cfg_file, [
             f"work_dir={Path(args.work) / f'seed_{seed}'}", f"seed={seed}", f"rounds={args.rounds}",
@@ -84,6 +87,13 @@ def main() -> None:
     write_results(runs, args, total, loads)
 
 
+def _command(args) -> str:
+    saved = Path(args.work, "command.txt")
+    if saved.exists():
+        return saved.read_text().strip()
+    return "OMP_NUM_THREADS=1 python benchmarks/active_learning.py " + " ".join(sys.argv[1:])
+
+
 def write_results(runs, args, total_s: float, loads) -> None:
     import matplotlib
 
@@ -98,8 +108,8 @@ def write_results(runs, args, total_s: float, loads) -> None:
     lines = [
         "# Active learning vs random frames (ethanol, GFN2-xTB via tblite)",
         "",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds {args.rounds} --top-k {args.top_k} "
-        f"--seeds {' '.join(map(str, args.seeds))}` (config `configs/active_learning/ethanol_tblite.yaml`).",
+        f"Command: `{_command(args)}` (config `configs/active_learning/ethanol_tblite.yaml`; "
+        "`--report-only` rewrites this file from the run directories).",
         "",
         f"Setup: {cfg.initial.n_frames} initial frames drawn at random from `ethanol_gfn2xtb_500K.extxyz`; held-out test = "
         f"{cfg.test.max_frames} of its other frames. Committee: {cfg.committee.n_models} SchNet members "
