@@ -340,8 +340,11 @@ class EnsembleCalculator(Calculator):
     Args:
         members: ProviderCalculators, ForceProviders or bundle paths.
         threshold_energy_eV / threshold_forces_eV_per_angstrom: spreads above these flag a frame.
-        on_exceed: ``"flag"`` (log and save the frame) or ``"stop"`` (save, then raise
-            :class:`UncertaintyExceeded`).
+        on_exceed: ``"flag"`` (log and save the frame), ``"stop"`` (save, then raise
+            :class:`UncertaintyExceeded`) or ``"reference"`` (save, then replace the energy and
+            forces of the flagged molecules in this step by those of ``reference``; the property
+            ``reference_used`` [R, M] is 1 where that happened).
+        reference: an ASE calculator (eV, Å) for ``on_exceed="reference"``.
         uncertain_frames_file: extxyz file the flagged frames are appended to (per molecule and replica).
     """
 
@@ -353,12 +356,17 @@ class EnsembleCalculator(Calculator):
         threshold_forces_eV_per_angstrom: float | None = None,
         on_exceed: str = "flag",
         uncertain_frames_file: str | os.PathLike | None = None,
+        reference=None,
         **bundle_kwargs,
     ) -> None:
         if len(members) < 2:
             raise CalculatorError(f"an ensemble needs at least 2 members, got {len(members)}")
-        if on_exceed not in ("flag", "stop"):
-            raise ValueError(f"on_exceed must be 'flag' or 'stop', got {on_exceed!r}")
+        if on_exceed not in ("flag", "stop", "reference"):
+            raise ValueError(f"on_exceed must be 'flag', 'stop' or 'reference', got {on_exceed!r}")
+        if (on_exceed == "reference") != (reference is not None):
+            raise ValueError("on_exceed='reference' needs a reference calculator, and a reference needs on_exceed='reference'")
+        self.reference = reference
+        self.n_reference_steps = 0
         self.members = []
         for m in members:
             if isinstance(m, ProviderCalculator):
@@ -367,6 +375,12 @@ class EnsembleCalculator(Calculator):
                 self.members.append(BundleCalculator(m, properties=properties, **bundle_kwargs))
             else:
                 self.members.append(ProviderCalculator(m, properties=properties))
+        from spkserve.ensemble import check_compatible
+
+        # different species or units in one committee: refused (EnsembleError names the member)
+        metas = [getattr(m.provider, "metadata", None) for m in self.members]
+        if all(metas):  # bundle members; other providers describe themselves differently
+            check_compatible(metas, [getattr(m, "model_file", repr(m.provider)) for m in self.members])
         self.properties = tuple(properties)
         self.threshold_energy = None if threshold_energy_eV is None else threshold_energy_eV * units.factor("eV", "Hartree")
         self.threshold_forces = (
@@ -390,6 +404,8 @@ class EnsembleCalculator(Calculator):
         system.stress = mean.pop(keys.stress, None)
         mean["energy_uncertainty"] = e_std
         mean["forces_uncertainty"] = f_std
+        if self.reference is not None:
+            mean["reference_used"] = torch.zeros_like(e_std)  # logged every step, 1 where the reference ran
         system.properties = mean
         flagged = torch.zeros_like(e_std, dtype=torch.bool)
         if self.threshold_energy is not None:
@@ -419,9 +435,39 @@ class EnsembleCalculator(Calculator):
             self.uncertain_frames_file.parent.mkdir(parents=True, exist_ok=True)
             ase.io.write(str(self.uncertain_frames_file), frames, format="extxyz", append=True)
         msg = f"ensemble spread above threshold for (replica, molecule) {pairs[:10]}"
+        if self.on_exceed == "reference":
+            self._use_reference(system, pairs)
+            log.info(msg + "; reference calculator used for them in this step")
+            return
         if self.on_exceed == "stop":
             raise UncertaintyExceeded(msg + (f"; frames saved to {self.uncertain_frames_file}" if self.uncertain_frames_file else ""))
         log.warning(msg)
+
+    def _use_reference(self, system: System, pairs: list[list[int]]) -> None:
+        """Energy and forces of the flagged (replica, molecule) pairs from the reference (ASE, eV/Å)."""
+        e_f = units.factor("eV", "Hartree")
+        f_f = units.factor("eV/Angstrom", "Hartree/Bohr")
+        used = system.properties["reference_used"].clone()
+        forces = system.forces.clone()
+        energy = system.energy.clone()
+        for r, m in pairs:
+            atoms = system.to_atoms(replica=r, molecule=m)[0]
+            atoms.calc = self.reference
+            try:
+                e = float(atoms.get_potential_energy())
+                f = np.asarray(atoms.get_forces(), dtype=np.float64)
+            except Exception as err:  # noqa: BLE001 - the reference's own error, named
+                raise CalculatorError(f"the reference calculator failed for replica {r}, molecule {m}: {err}") from err
+            if not (math.isfinite(e) and np.isfinite(f).all()):
+                raise CalculatorError(f"the reference calculator returned non-finite values for replica {r}, molecule {m}")
+            sl = system.molecule_slice(m)
+            forces[r, sl] = torch.as_tensor(f * f_f, dtype=forces.dtype, device=forces.device)
+            energy[r, m] = e * e_f
+            used[r, m] = 1.0
+        system.forces = forces
+        system.energy = energy
+        system.properties["reference_used"] = used
+        self.n_reference_steps += 1
 
     def check(self, system: System) -> None:
         for m in self.members:

@@ -291,10 +291,14 @@ def build_calculator(
         return calc
     if kind == "ensemble":
         check_keys(cfg, {"type", "model_files", "neighbor_list", "properties", "threshold_energy", "threshold_forces",
-                         "on_exceed", "uncertain_frames_file", "energy_unit", "position_unit"}, "calculator")
-        files = [resolve_file(f, bundle_search_dirs(), "model bundle") for f in _required(cfg, "model_files", "calculator")]
+                         "on_exceed", "uncertain_frames_file", "reference", "energy_unit", "position_unit"},
+                   "calculator")
         from spkserve.bundle import read_metadata
+        from spkserve.ensemble import member_paths
 
+        given = _required(cfg, "model_files", "calculator")
+        given = [given] if isinstance(given, str) else list(given)  # a manifest from `spktrain ensemble` or bundles
+        files = member_paths([resolve_file(f, bundle_search_dirs(), "model bundle") for f in given])
         for f in files:
             m = read_metadata(f)
             check_model_units(cfg, m["units"]["length"], m["units"]["energy"], f"the bundle {f.name}")
@@ -304,6 +308,7 @@ def build_calculator(
             files, properties=props, threshold_energy_eV=cfg.get("threshold_energy"),
             threshold_forces_eV_per_angstrom=cfg.get("threshold_forces"), on_exceed=cfg.get("on_exceed", "flag"),
             uncertain_frames_file=None if out is None else simulation_dir / out, dtype=dt_name, device=device,
+            reference=_ase_reference(cfg.get("reference")),
             **_neighbor_kw(cfg, "calculator"),
         )
     if kind == "provider":
@@ -319,6 +324,24 @@ def build_calculator(
         path = reference_bonds_bundle(system, simulation_dir / "reference_bonds.bundle", float(cfg.get("k", 20.0)))
         return BundleCalculator(path, dtype=dt_name, device=device, skin_angstrom=0.0)
     raise ConfigError(f"unknown calculator.type {kind!r}; known: bundle, ensemble, provider, reference_bonds")
+
+
+def _ase_reference(spec):
+    """An ASE calculator from ``{"_target_": "package.module.Class", **kwargs}`` (None stays None)."""
+    if not spec:
+        return None
+    spec = dict(spec)
+    target = spec.pop("_target_", None)
+    if not target:
+        raise ConfigError("calculator.reference needs _target_ (an ASE calculator class, e.g. tblite.ase.TBLite)")
+    module, sep, attr = target.partition(":")
+    if not sep:
+        module, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import calculator.reference._target_ {target!r}: {err}") from err
+    return cls(**spec)
 
 
 # ---------------------------------------------------------------------------------- callbacks

@@ -84,8 +84,12 @@ class ProviderCalculator(Calculator):
 class BundleCalculator(ProviderCalculator):
     """ASE calculator on a bundle file (or a :class:`~spkserve.runtime.ModelRunner`).
 
+    An ensemble manifest (``spktrain ensemble``) works as one model: the results are the
+    committee means, and ``extra_properties=["energy_uncertainty", "forces_uncertainty",
+    "committee_energy"]`` adds the spread and the member energies (eV, eV/Å).
+
     Args:
-        bundle: path of a bundle or a ModelRunner.
+        bundle: path of a bundle or an ensemble manifest, or a ModelRunner / EnsembleRunner.
         dtype: evaluate in float32/float64 (default as stored).
         device: torch device.
         skin_angstrom: neighbor-list skin (rebuilds only when atoms moved > skin/2).
@@ -101,9 +105,9 @@ class BundleCalculator(ProviderCalculator):
         extra_properties: Sequence[str] = (),
         **kwargs,
     ) -> None:
-        from spkserve.runtime import ModelRunner
+        from spkserve.ensemble import open_runner
 
-        runner = bundle if isinstance(bundle, ModelRunner) else ModelRunner(
+        runner = bundle if hasattr(bundle, "compute_tensors") else open_runner(
             os.fspath(bundle), dtype=dtype, device=device, skin_angstrom=skin_angstrom
         )
         super().__init__(runner, extra_properties=extra_properties, **kwargs)

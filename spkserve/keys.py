@@ -59,10 +59,14 @@ polarizability = "polarizability"
 partial_charges = "partial_charges"
 atomic_energies = "atomic_energies"
 energy_uncertainty = "energy_uncertainty"
+# committees (spkserve.ensemble)
+forces_uncertainty = "forces_uncertainty"
+committee_energy = "committee_energy"
+committee_forces = "committee_forces"
 nuclear_magnetic_shielding = "nuclear_magnetic_shielding"
 
 #: outputs given per atom (all others are per system)
-PER_ATOM_OUTPUTS = frozenset({forces, partial_charges, atomic_energies, nuclear_magnetic_shielding})
+PER_ATOM_OUTPUTS = frozenset({forces, partial_charges, atomic_energies, nuclear_magnetic_shielding, committee_forces})
 
 #: input keys every batch carries
 INPUT_KEYS = (Z, R, cell, pbc, idx_m, n_atoms, idx_i, idx_j, shifts)

@@ -6,6 +6,8 @@
     spktrain resume runs/ethanol_xtb_20261122-011500 [trainer.max_epochs=100]
     spktrain export RUN_DIR -o model.bundle
     spktrain eval model.bundle data.extxyz [--split RUN_DIR/split.npz --subset test] [--plot parity.png]
+    spktrain ensemble experiment=ethanol_xtb ensemble.n_models=4 [ensemble.bootstrap=true]
+    spktrain active-learn configs/active_learning/ethanol_tblite.yaml [rounds=3 ...]
 """
 
 from __future__ import annotations
@@ -80,6 +82,43 @@ def _run(cfg) -> None:
     click.echo(f"run directory: {result['run_dir']}")
     for k, v in sorted(result["test_metrics"].items()):
         click.echo(f"  {k} = {v:.6g}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, help="Extra directory of configs.")
+def ensemble(overrides: tuple[str, ...], config_dir: str | None) -> None:
+    """Train a committee (ensemble.n_models=4 ensemble.bootstrap=false ensemble.seed=0 ensemble.dir=DIR)
+    and write DIR/ensemble.json, which spkmd, spkserve and the ASE calculator take as one model."""
+    from spkserve.bundle import BundleError
+    from spkserve.ensemble import EnsembleError
+    from training.config import ConfigError, compose_config, resolve
+    from training.ensemble import split_overrides, train_ensemble
+    from training.export import ExportError
+    from training.run import TrainingConfigError
+
+    try:
+        opts, rest = split_overrides(overrides)
+        cfg = resolve(compose_config(rest, config_dir))
+        result = train_ensemble(cfg, opts, progress=click.echo)
+    except (ConfigError, TrainingConfigError, ExportError, BundleError, EnsembleError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    click.echo(f"ensemble of {len(result['members'])} members: {result['manifest']}")
+
+
+@main.command(name="active-learn")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def active_learn(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Run (or resume) the active-learning loop of CONFIG_FILE (see docs/active_learning.md)."""
+    from training.active_learning import ActiveLearningError, load_config, run_loop
+
+    try:
+        cfg = load_config(config_file, overrides)
+        result = run_loop(cfg, progress=click.echo)
+    except (ActiveLearningError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    click.echo(f"round log: {result['log']}\nplot: {result['plot']}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -50,15 +50,15 @@ def ipi(bundle, unix, host, port, template, species, workers, dtype, device, pbc
     from spkserve.bundle import BundleError
     from spkserve.ipi.client import ClientError, run_client
     from spkserve.provider import ProviderError
-    from spkserve.runtime import ModelRunner
+    from spkserve.ensemble import EnsembleError, open_runner
 
     try:
-        runner = ModelRunner(bundle, dtype=dtype, device=device)
+        runner = open_runner(bundle, dtype=dtype, device=device)
         run_client(
             runner, numbers, address, workers=workers, pbc={"auto": "auto", "yes": True, "no": False}[pbc],
             connect_timeout_s=connect_timeout, gather_window_s=gather_ms * 1e-3,
         )
-    except (ClientError, ProviderError, BundleError) as err:
+    except (ClientError, ProviderError, BundleError, EnsembleError) as err:
         raise click.ClickException(str(err)) from err
 
 

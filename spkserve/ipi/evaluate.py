@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from spkserve import keys, units
+from spkserve.ensemble import ENSEMBLE_UNITS
 from spkserve.provider import PROVIDER_UNITS
 
 _HANDLED = (keys.energy, keys.forces, keys.stress)
@@ -54,7 +55,10 @@ class BundleEvaluator:
         numbers: atomic numbers of the N atoms (never sent by i-PI).
         pbc: ``"auto"`` (periodic when the cell is non-singular), or True/False.
         extras: also evaluate the bundle's other outputs (dipole, charges, ...)
-            and return them as JSON strings in atomic units.
+            and return them as JSON strings in atomic units. An ensemble
+            (:class:`spkserve.ensemble.EnsembleRunner`) adds ``committee_pot`` [K] and
+            ``committee_force`` [K, 3N] for i-PI's committee tools (no ``committee_virial``:
+            i-PI then uses the mean virial).
     """
 
     def __init__(
@@ -145,7 +149,7 @@ class BundleEvaluator:
         per_struct: list[dict] = [{} for _ in range(b)]
         for name in self.extra_names:
             value = out[name].detach().to("cpu", torch.float64).numpy()
-            unit = PROVIDER_UNITS.get(name)
+            unit = PROVIDER_UNITS.get(name) or ENSEMBLE_UNITS.get(name)
             if unit is not None:
                 value = to_atomic_units(value, unit)
             value = value.reshape(b, n, *value.shape[1:]) if name in keys.PER_ATOM_OUTPUTS else value.reshape(b, *value.shape[1:])
@@ -153,4 +157,8 @@ class BundleEvaluator:
                 per_struct[s][name] = value[s].tolist()
                 if name == keys.dipole_moment:
                     per_struct[s]["dipole"] = value[s].tolist()  # the key i-PI's dipole tools read
+                elif name == keys.committee_energy:  # i-PI's <ffcommittee parse_json="true"> reads these
+                    per_struct[s]["committee_pot"] = value[s].tolist()  # [K] Hartree
+                elif name == keys.committee_forces:  # [n, K, 3] -> [K, 3n] Hartree/Bohr
+                    per_struct[s]["committee_force"] = np.swapaxes(value[s], 0, 1).reshape(value.shape[2], -1).tolist()
         return [json.dumps(d) for d in per_struct]

@@ -68,12 +68,12 @@ class SpkservePES:
         if ignored:
             raise ValueError(f"unknown spkserve PES parameter(s) {sorted(ignored)}; use bundle, template/species, dtype, device, pbc")
         from spkserve.ipi.evaluate import BundleEvaluator, species_from_symbols, species_from_template
-        from spkserve.runtime import ModelRunner
+        from spkserve.ensemble import open_runner
 
         if (template is None) == (species is None):
             raise ValueError("give exactly one of template=FILE or species='C H O ...' (i-PI never passes species)")
         numbers = species_from_template(str(template)) if template else species_from_symbols(str(species).replace(":", " "))
-        runner = ModelRunner(str(bundle), dtype=dtype or None, device=device)
+        runner = open_runner(str(bundle), dtype=dtype or None, device=device)
         self.evaluator = BundleEvaluator(runner, numbers, pbc=_parse_pbc(pbc))
         self.verbose = verbose
 

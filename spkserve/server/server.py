@@ -203,10 +203,11 @@ class ModelServer:
         **config_kwargs: Any,
     ) -> "ModelServer":
         """Load a bundle into a :class:`spkserve.runtime.ModelRunner` and serve it."""
-        from spkserve.runtime import ModelRunner
+        from spkserve.ensemble import open_runner
 
         config = ServerConfig(**config_kwargs)  # fail on a bad address before loading the model
-        runner = ModelRunner(os.fspath(bundle_path), dtype=dtype, device=device, skin_angstrom=skin_angstrom)
+        # a bundle, or an ensemble manifest (committee mean + energy/forces_uncertainty outputs)
+        runner = open_runner(os.fspath(bundle_path), dtype=dtype, device=device, skin_angstrom=skin_angstrom)
         bundle = runner.bundle
         info = {
             "species": [int(z) for z in bundle.species],
