@@ -243,7 +243,7 @@ def test_client_ase_style_status_between_and_no_init(tmp_path):
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (P.pack_posdata(np.eye(3)[None], np.zeros((1, 4, 3))), "carries 4 atoms but the species list has 3"),
+        (P.pack_posdata(np.eye(3)[None], np.zeros((1, 4, 3))), "carries 4 atoms but 3 are expected"),
         (P.pack_posdata(np.eye(3)[None], np.full((1, 3, 3), np.nan)), "non-finite"),
         (b"FOOBAR      ", "unexpected message"),
         (P.GETFORCE, "GETFORCE before any POSDATA"),
