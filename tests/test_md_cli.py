@@ -137,10 +137,16 @@ def test_start_temperature_and_ring_polymer_physical_temperature(tmp_path):
     """Logged step-0 temperature equals the target (Langevin counts 3N dof: was 233 K for 300 K);
     ring polymers show the physical temperature (bead temperature / P), not P·T."""
     d = tmp_path / "lv"
-    r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics.n_steps=2", "seed=1", "plots=false")
+    r = invoke(f"simulation_dir={d}", "calculator=reference", "+dynamics/thermostat=langevin", "dynamics.n_steps=2",
+               "seed=1", "plots=false")
     assert r.exit_code == 0, r.output
     log = HDF5Loader(d / "simulation.hdf5")
     assert log.get_temperature(0)[0] == pytest.approx(300.0, rel=1e-10) and log.dof.tolist() == [27.0]
+    d = tmp_path / "nve"  # the default run is NVE: translation and rotation removed and not counted
+    r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics.n_steps=2", "seed=1", "plots=false")
+    assert r.exit_code == 0, r.output
+    log = HDF5Loader(d / "simulation.hdf5")
+    assert log.get_temperature(0)[0] == pytest.approx(300.0, rel=1e-10) and log.dof.tolist() == [21.0]
     d = tmp_path / "rp"
     r = invoke(f"simulation_dir={d}", "calculator=reference", "dynamics/integrator=rpmd", "dynamics/thermostat=pile_local",
                "system.n_replicas=4", "dynamics.n_steps=200", "callbacks.progress.every_n_steps=100", "seed=2")

@@ -75,6 +75,7 @@ def test_wheel_ships_configs_data_and_entry_points(wheel):
         parser.read_string(z.read(ep).decode())
         assert dict(parser["console_scripts"]) == {
             "spkserve": "spkserve.cli:entry", "spkmd": "spkmd.cli:entry", "spktrain": "training.cli:entry",
+            "gschnet_train": "training.gschnet.cli:entry", "gschnet_generate": "spkserve.nn.gschnet_generate:entry",
         }
 
 
